@@ -1,0 +1,577 @@
+"""The pull-through cache: single-flight fetches, tag freshness, stale serving.
+
+``Cache`` answers the web layer's questions (a manifest, a blob, a tag list, the
+catalog) from disk when it can and from the upstream when it must, sharing every
+upstream fetch among all the clients that ask for the same thing at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import attrs
+from treq.response import _Response
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from regmirror.digest import Digest
+from regmirror.errors import (
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    Unavailable,
+)
+from regmirror.fetch import BlobFetch, State
+from regmirror.logs import get_logger
+from regmirror.singleflight import SingleFlight
+from regmirror.store import Store
+from regmirror.upstream import Upstream
+
+log = get_logger()
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+)
+ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
+
+
+# What the cache needs of a reactor: IReactorTime and IReactorThreads.
+Reactor = Any
+
+
+@attrs.frozen
+class Manifest:
+    digest: Digest
+    data: bytes
+    media_type: str
+
+
+@attrs.frozen
+class Accept:
+    """The manifest media types a client accepts; ``types=None`` means any."""
+
+    types: frozenset[str] | None
+
+    @classmethod
+    def parse(cls, headers: list[str] | None) -> Accept:
+        if not headers:
+            return cls(None)
+        types = set()
+        for header in headers:
+            for item in header.split(","):
+                media_type = item.split(";", 1)[0].strip().lower()
+                if media_type in ("*/*", "application/*", "application/json"):
+                    return cls(None)
+                if media_type:
+                    types.add(media_type)
+        return cls(frozenset(types) if types else None)
+
+    def accepts(self, media_type: str) -> bool:
+        return self.types is None or media_type in self.types
+
+    def header(self) -> str:
+        if self.types is None:
+            return ALL_MANIFEST_TYPES
+        return ", ".join(sorted(self.types))
+
+
+@attrs.define
+class TagState:
+    variants: dict[str, str]  # media type -> digest, as last seen upstream
+    checked: dict[str, float] = attrs.Factory(dict)  # media type -> when
+
+
+@attrs.frozen
+class CachedBlob:
+    """A committed blob: an open descriptor and its size."""
+
+    fd: int
+    size: int
+
+
+class Cache:
+    def __init__(
+        self,
+        reactor: Reactor,
+        store: Store,
+        upstream: Upstream,
+        *,
+        tag_freshness: float = 30.0,
+        fsync: bool = True,
+        manifest_cache_size: int = 64 * 1024 * 1024,
+        max_manifest_size: int = 4 * 1024 * 1024,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self._reactor = reactor
+        self.store = store
+        self.upstream = upstream
+        self.tag_freshness = tag_freshness
+        self._fsync = fsync
+        self._max_manifest = max_manifest_size
+        self._read_timeout = read_timeout
+        self._fetches: dict[Digest, BlobFetch] = {}
+        self._blob_flight: SingleFlight[BlobFetch] = SingleFlight()
+        self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
+        self._tags: dict[tuple[str, str], TagState] = {}
+        self._manifests: OrderedDict[Digest, Manifest] = OrderedDict()
+        self._manifest_bytes = 0
+        self._manifest_budget = manifest_cache_size
+        self.stats = {"blob_fetches": 0, "manifest_fetches": 0, "tag_checks": 0}
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream.name
+
+    # -- blobs -----------------------------------------------------------------------
+
+    async def blob(self, name: str, digest: Digest) -> CachedBlob | BlobFetch:
+        """The blob from disk, or the fetch in flight that is downloading it."""
+        opened = self.store.open_blob(digest)
+        if opened is not None:
+            return CachedBlob(*opened)
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            fetch = await self._blob_flight.run(digest, lambda: self._start_fetch(name, digest))
+        if fetch.size is None:
+            # The upstream did not say how long the blob is: serve it once verified.
+            await fetch.when_committed()
+            opened = self.store.open_blob(digest)
+            if opened is None:
+                raise Unavailable("the blob vanished from the cache", {"digest": str(digest)})
+            return CachedBlob(*opened)
+        return fetch
+
+    async def blob_size(self, name: str, digest: Digest) -> int:
+        """For ``HEAD``: the size of a blob, asking upstream (without fetching) on a miss."""
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return size
+        fetch = self._fetches.get(digest)
+        if fetch is not None and fetch.size is not None:
+            return fetch.size
+        repository = self.upstream.repository(name)
+        response = await self.upstream.request(
+            "HEAD", f"/v2/{repository}/blobs/{digest}", repository
+        )
+        await _discard(response)
+        if response.code != 200:
+            raise self.upstream.error_for(response, "blob")
+        length = response.headers.getRawHeaders("content-length", [""])[0]
+        if not length.isdigit():
+            raise Unavailable("the upstream sent no blob size", {"digest": str(digest)})
+        return int(length)
+
+    async def _start_fetch(self, name: str, digest: Digest) -> BlobFetch:
+        repository = self.upstream.repository(name)
+        response = await self.upstream.request(
+            "GET", f"/v2/{repository}/blobs/{digest}", repository, unbuffered=True
+        )
+        if response.code != 200:
+            await _discard(response)
+            raise self.upstream.error_for(response, "blob")
+        size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        fetch = BlobFetch(
+            self._reactor,
+            self.store,
+            digest,
+            size,
+            fsync=self._fsync,
+            on_done=lambda f: self._fetch_done(f, repository),
+        )
+        self._fetches[digest] = fetch
+        self.stats["blob_fetches"] += 1
+        log.info(
+            "blob {digest} from {upstream} ({size} bytes)",
+            digest=str(digest),
+            upstream=self.upstream.name,
+            size=size,
+        )
+        response.deliverBody(_BlobBody(fetch, self._reactor, self._read_timeout))
+        return fetch
+
+    def _fetch_done(self, fetch: BlobFetch, repository: str) -> None:
+        if self._fetches.get(fetch.digest) is fetch:
+            del self._fetches[fetch.digest]
+        if fetch.state is State.COMMITTED:
+            self.store.link_blob(self.upstream.name, repository, fetch.digest)
+            log.info("blob {digest} cached", digest=str(fetch.digest))
+
+    # -- manifests -------------------------------------------------------------------
+
+    async def manifest(self, name: str, reference: str | Digest, accept: Accept) -> Manifest:
+        repository = self.upstream.repository(name)
+        if isinstance(reference, Digest):
+            return await self._manifest_by_digest(repository, reference, accept)
+        return await self._manifest_by_tag(repository, reference, accept)
+
+    def cached_manifest(self, digest: Digest) -> Manifest | None:
+        manifest = self._manifests.get(digest)
+        if manifest is not None:
+            self._manifests.move_to_end(digest)
+            return manifest
+        found = self.store.read_manifest(digest)
+        if found is None:
+            return None
+        manifest = Manifest(digest, *found)
+        self._remember(manifest)
+        return manifest
+
+    def _remember(self, manifest: Manifest) -> None:
+        if manifest.digest in self._manifests:
+            return
+        self._manifests[manifest.digest] = manifest
+        self._manifest_bytes += len(manifest.data)
+        while self._manifest_bytes > self._manifest_budget and self._manifests:
+            _, old = self._manifests.popitem(last=False)
+            self._manifest_bytes -= len(old.data)
+
+    async def _manifest_by_digest(
+        self, repository: str, digest: Digest, accept: Accept
+    ) -> Manifest:
+        manifest = self.cached_manifest(digest)
+        if manifest is None:
+            manifest = await self._manifest_flight.run(
+                ("digest", repository, digest),
+                lambda: self._fetch_manifest(repository, str(digest), Accept(None), digest),
+            )
+        if not accept.accepts(manifest.media_type):
+            raise ManifestUnknown(
+                "the manifest's media type is not one the client accepts",
+                {"digest": str(digest), "mediaType": manifest.media_type},
+            )
+        return manifest
+
+    def _tag_state(self, repository: str, tag: str) -> TagState:
+        key = (repository, tag)
+        state = self._tags.get(key)
+        if state is None:
+            variants = self.store.read_tag(self.upstream.name, repository, tag)
+            state = self._tags[key] = TagState(variants)
+        return state
+
+    def _pick(self, state: TagState, accept: Accept) -> tuple[str, Digest] | None:
+        for media_type, digest in reversed(state.variants.items()):
+            if accept.accepts(media_type):
+                return media_type, Digest.parse(digest)
+        return None
+
+    async def _manifest_by_tag(self, repository: str, tag: str, accept: Accept) -> Manifest:
+        state = self._tag_state(repository, tag)
+        picked = self._pick(state, accept)
+        if picked is not None:
+            media_type, digest = picked
+            age = self._reactor.seconds() - state.checked.get(media_type, float("-inf"))
+            if age < self.tag_freshness:
+                manifest = self.cached_manifest(digest)
+                if manifest is not None:
+                    return manifest
+        return await self._manifest_flight.run(
+            ("tag", repository, tag, accept.types),
+            lambda: self._refresh_tag(repository, tag, accept),
+        )
+
+    async def _refresh_tag(self, repository: str, tag: str, accept: Accept) -> Manifest:
+        state = self._tag_state(repository, tag)
+        picked = self._pick(state, accept)
+        cached = self.cached_manifest(picked[1]) if picked is not None else None
+        now = self._reactor.seconds()
+        if picked is not None and cached is not None:
+            media_type = picked[0]
+            self.stats["tag_checks"] += 1
+            try:
+                response = await self.upstream.request(
+                    "HEAD",
+                    f"/v2/{repository}/manifests/{tag}",
+                    repository,
+                    {"accept": accept.header()},
+                )
+                await _discard(response)
+            except RegistryError as e:
+                return self._stale(state, media_type, cached, repository, tag, e.message)
+            if response.code == 404:
+                self._forget_tag(repository, tag)
+                raise ManifestUnknown("manifest unknown to the upstream registry", {"tag": tag})
+            if response.code != 200:
+                reason = f"upstream answered {response.code}"
+                return self._stale(state, media_type, cached, repository, tag, reason)
+            header = response.headers.getRawHeaders("docker-content-digest", [""])[0]
+            if header == str(cached.digest):
+                state.checked[media_type] = now
+                return cached
+            if header:
+                try:
+                    other = self.cached_manifest(Digest.parse(header))
+                except RegistryError:
+                    other = None
+                if other is not None and accept.accepts(other.media_type):
+                    self._record_tag(repository, tag, other, now)
+                    return other
+        try:
+            manifest = await self._fetch_manifest(repository, tag, accept, None)
+        except ManifestUnknown:
+            self._forget_tag(repository, tag)
+            raise
+        except RegistryError as e:
+            if picked is not None and cached is not None:
+                return self._stale(state, picked[0], cached, repository, tag, e.message)
+            raise
+        self._record_tag(repository, tag, manifest, self._reactor.seconds())
+        return manifest
+
+    def _stale(
+        self,
+        state: TagState,
+        media_type: str,
+        manifest: Manifest,
+        repository: str,
+        tag: str,
+        reason: str,
+    ) -> Manifest:
+        log.warn(
+            "serving {repository}:{tag} stale from the cache: {reason}",
+            repository=repository,
+            tag=tag,
+            reason=reason,
+        )
+        state.checked[media_type] = self._reactor.seconds()
+        return manifest
+
+    def _record_tag(self, repository: str, tag: str, manifest: Manifest, now: float) -> None:
+        state = self._tag_state(repository, tag)
+        state.variants.pop(manifest.media_type, None)
+        state.variants[manifest.media_type] = str(manifest.digest)
+        state.checked[manifest.media_type] = now
+        self.store.write_tag(self.upstream.name, repository, tag, state.variants)
+
+    def _forget_tag(self, repository: str, tag: str) -> None:
+        self._tags.pop((repository, tag), None)
+        self.store.delete_tag(self.upstream.name, repository, tag)
+
+    async def _fetch_manifest(
+        self, repository: str, reference: str, accept: Accept, expected: Digest | None
+    ) -> Manifest:
+        self.stats["manifest_fetches"] += 1
+        response = await self.upstream.request(
+            "GET",
+            f"/v2/{repository}/manifests/{reference}",
+            repository,
+            {"accept": accept.header()},
+            unbuffered=True,
+        )
+        if response.code != 200:
+            await _discard(response)
+            raise self.upstream.error_for(response, "manifest")
+        if response.length is not UNKNOWN_LENGTH and response.length > self._max_manifest:
+            await _discard(response)
+            raise ManifestInvalid(
+                "the upstream manifest is larger than the configured maximum",
+                {"size": response.length, "max": self._max_manifest},
+            )
+        data = await _read_limited(response, self._max_manifest)
+        media_type = response.headers.getRawHeaders("content-type", [""])[0]
+        media_type = media_type.split(";", 1)[0].strip().lower()
+        if not media_type or media_type == "application/json":
+            media_type = _media_type_of(data)
+        digest = Digest.of(data, expected.algorithm if expected else "sha256")
+        header = response.headers.getRawHeaders("docker-content-digest", [""])[0]
+        if (expected is not None and digest != expected) or (
+            expected is None and header and header != str(digest)
+        ):
+            log.error(
+                "manifest {reference} of {repository}: upstream sent content with digest "
+                "{actual}; discarded",
+                reference=reference,
+                repository=repository,
+                actual=str(digest),
+            )
+            raise Unavailable(
+                "the upstream sent a manifest that does not match its digest",
+                {"reference": reference},
+            )
+        manifest = Manifest(digest, data, media_type)
+        self.store.write_manifest(digest, data, media_type)
+        self.store.link_manifest(self.upstream.name, repository, digest)
+        self._remember(manifest)
+        log.info(
+            "manifest {repository}@{digest} from {upstream}",
+            repository=repository,
+            digest=str(digest),
+            upstream=self.upstream.name,
+        )
+        return manifest
+
+    # -- tags and catalog ------------------------------------------------------------
+
+    async def tags(self, name: str, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+        """``tags/list``: from upstream, or the last full list seen when it is down."""
+        repository = self.upstream.repository(name)
+        query = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
+        path = f"/v2/{repository}/tags/list" + (f"?{urlencode(query)}" if query else "")
+        error: RegistryError
+        try:
+            response = await self.upstream.request("GET", path, repository)
+            body = await _read_limited(response, self._max_manifest)
+        except RegistryError as e:
+            error = e
+        else:
+            if response.code == 200:
+                try:
+                    tags = json.loads(body).get("tags") or []
+                except (ValueError, AttributeError):
+                    tags = None
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise Unavailable("the upstream sent an invalid tag list")
+                if not query:
+                    self.store.write_tag_list(self.upstream.name, repository, tags)
+                link = _next_link(response, name)
+                return json.dumps({"name": name, "tags": tags}).encode(), link
+            if response.code == 404:
+                raise NameUnknown("repository unknown to the upstream registry", {"name": name})
+            error = self.upstream.error_for(response, "repository")
+        cached = self.store.read_tag_list(self.upstream.name, repository)
+        if cached is None:
+            raise error
+        log.warn("serving the tag list of {name} stale: {reason}", name=name, reason=error.message)
+        page, link = paginate(sorted(cached), n, last, f"/v2/{name}/tags/list")
+        return json.dumps({"name": name, "tags": page}).encode(), link
+
+    async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+        names = await deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self.store.catalog, self.upstream.name
+        )
+        page, link = paginate(names, n, last, "/v2/_catalog")
+        return json.dumps({"repositories": page}).encode(), link
+
+
+def paginate(
+    items: list[str], n: int | None, last: str | None, path: str
+) -> tuple[list[str], str | None]:
+    if last is not None:
+        items = [i for i in items if i > last]
+    if n is None or len(items) <= n:
+        return items, None
+    page = items[:n]
+    query = urlencode({"n": n, "last": page[-1]}) if page else urlencode({"n": n})
+    return page, f'<{path}?{query}>; rel="next"'
+
+
+def _next_link(response: _Response, name: str) -> str | None:
+    link = response.headers.getRawHeaders("link", [None])[0]
+    if not link or "<" not in link:
+        return None
+    target = link.split("<", 1)[1].split(">", 1)[0]
+    query = target.split("?", 1)[1] if "?" in target else ""
+    params = [(k, v) for k, v in parse_qsl(query) if k in ("n", "last")]
+    return f'</v2/{name}/tags/list?{urlencode(params)}>; rel="next"'
+
+
+def _media_type_of(data: bytes) -> str:
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    media_type = parsed.get("mediaType") if isinstance(parsed, dict) else None
+    if isinstance(media_type, str) and media_type:
+        return media_type
+    if isinstance(parsed, dict) and "manifests" in parsed:
+        return "application/vnd.oci.image.index.v1+json"
+    return "application/vnd.oci.image.manifest.v1+json"
+
+
+class _Collector(Protocol):
+    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self._chunks = []
+            if self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._size > self._limit:
+            self._done.errback(
+                ManifestInvalid("the upstream response is larger than the configured maximum")
+            )
+        elif reason.check(ResponseDone):
+            self._done.callback(b"".join(self._chunks))
+        else:
+            self._done.errback(Unavailable("the upstream connection broke"))
+
+
+async def _read_limited(response: _Response, limit: int) -> bytes:
+    d: Deferred[bytes] = Deferred()
+    response.deliverBody(_Collector(limit, d))
+    return await d
+
+
+async def _discard(response: _Response) -> None:
+    d: Deferred[bytes] = Deferred()
+    response.deliverBody(_Collector(0, d))
+    try:
+        await d
+    except RegistryError:
+        pass
+
+
+class _BlobBody(Protocol):
+    """Receives an upstream blob body into its fetch; cut after ``idle`` seconds of
+    silence."""
+
+    def __init__(self, fetch: BlobFetch, reactor: IReactorTime, idle: float) -> None:
+        self._fetch = fetch
+        self._reactor = reactor
+        self._idle = idle
+        self._last = reactor.seconds()
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        if self._idle > 0:
+            self._timer = self._reactor.callLater(self._idle, self._check_idle)
+        if self._fetch.size == 0:
+            self._fetch.write(b"")
+
+    def _check_idle(self) -> None:
+        silent = self._reactor.seconds() - self._last
+        if silent >= self._idle:
+            self._timer = None
+            self._fetch.fail(TimeoutError(f"upstream sent nothing for {silent:.0f} s"))
+            if self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+        else:
+            self._timer = self._reactor.callLater(self._idle - silent, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self._reactor.seconds()
+        self._fetch.write(data)
+        if self._fetch.state is State.FAILED and self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if reason.check(ResponseDone):
+            self._fetch.finish()
+        else:
+            self._fetch.fail(reason.value)

@@ -1,0 +1,299 @@
+"""Configuration: a drop-in for the distribution registry's config.yml, plus ``regmirror:``.
+
+Pure code: ``parse_config`` turns a mapping into a frozen ``Config`` or raises
+``ConfigError`` with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+from regmirror.names import DOCKER_HUB_HOSTS
+
+
+class ConfigError(Exception):
+    pass
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|w)")
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3,
+    "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
+}  # fmt: skip
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+def parse_duration(value: object) -> float:
+    """``30s``, ``15m``, ``168h``, ``7d``, ``1h30m`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 15m, 168h or 7d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration like 30s, 15m, 168h or 7d")
+    text = value.strip()
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(f"expected a duration like 30s, 15m, 168h or 7d, got {value!r}")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not text:
+        raise ValueError("expected a duration like 30s, 15m, 168h or 7d, got ''")
+    return total
+
+
+def parse_size(value: object) -> int:
+    """``50GiB``, ``500MB``, ``1T`` or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 512MiB or 50GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size like 512MiB or 50GiB")
+    match = _SIZE.match(value.strip())
+    if match is None:
+        raise ValueError(f"expected a size like 512MiB or 50GiB, got {value!r}")
+    number, unit = match.group(1), (match.group(2) or "").lower()
+    prefix = unit[:1] if unit[:1] in "kmgtp" and unit else ""
+    if "i" in unit:
+        multiplier = 1024 ** ("kmgtp".index(prefix) + 1)
+    else:
+        multiplier = _SIZE_UNITS[prefix]
+    return int(float(number) * multiplier)
+
+
+def _str(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"expected a string, got {type(value).__name__}")
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"expected a non-negative integer, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        text = _str(value).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return check
+
+
+def _url(value: object) -> str:
+    text = _str(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return text
+
+
+# The keys regmirror implements: dotted path -> (parser, default). These defaults are
+# the embedded default configuration; etc/config.yml spells them out (a test checks).
+SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
+    "version": (_str, "0.1"),
+    "log.level": (_choice("debug", "info", "warn", "error"), "info"),
+    "http.addr": (_str, ":5000"),
+    "http.net": (_choice("tcp", "unix"), "tcp"),
+    "storage.filesystem.rootdirectory": (_str, "./data"),
+    "proxy.remoteurl": (_url, "https://registry-1.docker.io"),
+    "proxy.username": (_str, ""),
+    "proxy.password": (_str, ""),
+    "proxy.ttl": (parse_duration, 168 * 3600.0),
+    # regmirror's own extensions
+    "regmirror.tag_freshness": (parse_duration, 30.0),
+    "regmirror.access_log": (_bool, True),
+    "regmirror.fsync": (_bool, True),
+    "regmirror.manifest_cache_size": (parse_size, 64 * 1024 * 1024),
+    "regmirror.max_manifest_size": (parse_size, 4 * 1024 * 1024),
+    "regmirror.upstream_ca": (_str, ""),
+    "regmirror.upstream_connect_timeout": (parse_duration, 10.0),
+    "regmirror.upstream_read_timeout": (parse_duration, 60.0),
+    "regmirror.upstream_name": (_str, ""),
+}
+
+# Sections and keys of the distribution registry's format that regmirror accepts but
+# does not implement: a mapping under any of these paths is accepted with a warning.
+DISTRIBUTION_KEYS = frozenset(
+    {
+        "log.accesslog", "log.fields", "log.formatter", "log.hooks", "loglevel",
+        "storage.filesystem.maxthreads", "storage.delete", "storage.cache",
+        "storage.maintenance", "storage.redirect", "storage.tag", "storage.inmemory",
+        "storage.s3", "storage.azure", "storage.gcs", "storage.swift", "storage.oss",
+        "auth", "middleware", "reporting", "notifications", "redis", "health",
+        "compatibility", "validation", "policy", "catalog",
+        "http.prefix", "http.host", "http.secret", "http.relativeurls", "http.draintimeout",
+        "http.tls", "http.debug", "http.headers", "http.http2", "http.h2c",
+    }
+)  # fmt: skip
+
+
+@attrs.frozen
+class UpstreamConfig:
+    name: str
+    url: str
+    username: str
+    password: str = attrs.field(repr=False)
+    docker_hub: bool
+
+
+@attrs.frozen
+class Config:
+    source: str
+    listen: str
+    root: Path
+    upstream: UpstreamConfig
+    ttl: float
+    tag_freshness: float
+    log_level: str
+    access_log: bool
+    fsync: bool
+    manifest_cache_size: int
+    max_manifest_size: int
+    upstream_ca: str
+    connect_timeout: float
+    read_timeout: float
+    ignored: tuple[str, ...] = ()
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if not isinstance(key, str):
+            out[path] = value
+        elif path in DISTRIBUTION_KEYS:
+            out[path] = value
+        elif isinstance(value, Mapping) and path not in SCHEMA:
+            if not value:
+                out[path] = value
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def listen_endpoint(addr: str, net: str = "tcp") -> str:
+    """Turn distribution's ``http.addr`` into a Twisted server endpoint description."""
+    if net == "unix":
+        return "unix:" + addr.replace(":", r"\:")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port or :port, got {addr!r}")
+    host = host.strip("[]")
+    if not host:
+        return f"tcp:{port}"
+    if ":" in host:
+        return f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}"
+    return f"tcp:{port}:interface={host}"
+
+
+def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[str]]:
+    """Validate a loaded YAML document; return the config and warnings to log."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    values = {path: default for path, (_, default) in SCHEMA.items()}
+    ignored: list[str] = []
+    for path, raw in _flatten(data).items():
+        if path in SCHEMA:
+            parser = SCHEMA[path][0]
+            if raw is None:
+                continue
+            try:
+                values[path] = parser(raw)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {path}: {e}") from None
+        elif path in DISTRIBUTION_KEYS or any(
+            path.startswith(key + ".") for key in DISTRIBUTION_KEYS
+        ):
+            top = next(k for k in DISTRIBUTION_KEYS if path == k or path.startswith(k + "."))
+            if top not in ignored:
+                ignored.append(top)
+        else:
+            raise ConfigError(f"{source}: {path}: unknown configuration key")
+    try:
+        listen = listen_endpoint(values["http.addr"], values["http.net"])
+    except ValueError as e:
+        raise ConfigError(f"{source}: http.addr: {e}") from None
+    url = values["proxy.remoteurl"]
+    host = urlsplit(url).netloc
+    docker_hub = (urlsplit(url).hostname or "") in DOCKER_HUB_HOSTS
+    name = values["regmirror.upstream_name"] or ("docker.io" if docker_hub else host)
+    upstream = UpstreamConfig(
+        name=name,
+        url=url,
+        username=values["proxy.username"],
+        password=values["proxy.password"],
+        docker_hub=docker_hub,
+    )
+    warnings = []
+    if ignored:
+        warnings.append(
+            f"{source}: accepted but not implemented by regmirror: {', '.join(sorted(ignored))}"
+        )
+    config = Config(
+        source=source,
+        listen=listen,
+        root=Path(values["storage.filesystem.rootdirectory"]),
+        upstream=upstream,
+        ttl=values["proxy.ttl"],
+        tag_freshness=values["regmirror.tag_freshness"],
+        log_level=values["log.level"],
+        access_log=values["regmirror.access_log"],
+        fsync=values["regmirror.fsync"],
+        manifest_cache_size=values["regmirror.manifest_cache_size"],
+        max_manifest_size=values["regmirror.max_manifest_size"],
+        upstream_ca=values["regmirror.upstream_ca"],
+        connect_timeout=values["regmirror.upstream_connect_timeout"],
+        read_timeout=values["regmirror.upstream_read_timeout"],
+        ignored=tuple(sorted(ignored)),
+    )
+    return config, warnings
+
+
+def load_config(path: str | None) -> tuple[Config, list[str]]:
+    """Read and validate a config file; ``None`` gives the embedded default."""
+    if path is None:
+        return parse_config({})
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config(data, path)

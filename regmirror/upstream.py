@@ -1,0 +1,299 @@
+"""The upstream registry, reached with treq: auth challenges, tokens, redirects, errors.
+
+``Upstream.request`` answers ``401`` challenges (``Bearer`` tokens cached per scope until
+they expire, ``Basic`` with the configured credentials), follows redirects to blob
+storage on other hosts without forwarding credentials, and turns upstream failures into
+``RegistryError``s the web layer renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import treq
+from treq.client import HTTPClient
+from treq.response import _Response
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from regmirror.config import UpstreamConfig
+from regmirror.errors import (
+    BlobUnknown,
+    Denied,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from regmirror.logs import get_logger
+
+log = get_logger()
+
+MAX_REDIRECTS = 5
+DEFAULT_TOKEN_LIFETIME = 60.0
+_CHALLENGE_PARAM = re.compile(r'\s*([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """Parse ``WWW-Authenticate: Bearer realm="...",service="...",scope="..."``."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        match = _CHALLENGE_PARAM.match(rest, pos)
+        if match is None or match.end() == pos:
+            break
+        key, quoted, bare = match.groups()
+        value = quoted if quoted is not None else bare
+        params[key.lower()] = re.sub(r"\\(.)", r"\1", value)
+        pos = match.end()
+    return scheme.lower(), params
+
+
+def _same_site(a: str, b: str) -> bool:
+    """Whether two host names share a registrable domain (last two labels)."""
+
+    def site(host: str) -> str:
+        labels = host.lower().rstrip(".").split(".")
+        return ".".join(labels[-2:]) if not host.replace(".", "").isdigit() else host
+
+    return site(a) == site(b)
+
+
+class Upstream:
+    """One upstream registry."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: UpstreamConfig,
+        *,
+        client: HTTPClient | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        trust_root: Any = None,
+    ) -> None:
+        self._reactor = reactor
+        self.config = config
+        self.name = config.name
+        self._base = config.url
+        self._host = urlsplit(config.url).hostname or ""
+        self._read_timeout = read_timeout
+        if client is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 16
+            pool.retryAutomatically = True
+            policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
+            agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)
+            client = HTTPClient(agent)
+        self._client = client
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    def repository(self, name: str) -> str:
+        """The name to use upstream (official Docker Hub images live in ``library/``)."""
+        if self.config.docker_hub and "/" not in name:
+            return f"library/{name}"
+        return name
+
+    # -- requests --------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        repository: str | None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        unbuffered: bool = False,
+    ) -> _Response:
+        """Send a request for ``path`` (under ``/v2/``), authenticating as challenged."""
+        url = self._base + path
+        sent_auth = False
+        for _ in range(2):
+            auth = await self._authorization(repository)
+            sent_auth = sent_auth or auth is not None
+            response = await self._send(method, url, headers, auth, unbuffered)
+            if response.code != 401:
+                return response
+            challenge = response.headers.getRawHeaders("www-authenticate", [""])[0]
+            await _drain(response)
+            scheme, params = parse_challenge(challenge)
+            if scheme not in ("bearer", "basic"):
+                break
+            if self._challenge is not None and self._challenge[0] == scheme and sent_auth:
+                if scheme == "basic":
+                    break
+                self._tokens.pop(self._scope(repository, params), None)
+            self._challenge = (scheme, params)
+        raise Unauthorized(
+            "the upstream registry refused the mirror's credentials"
+            if self.config.username
+            else "the upstream registry requires authentication",
+            {"upstream": self.name},
+        )
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        auth: str | None,
+        unbuffered: bool,
+    ) -> _Response:
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            h = Headers({k: [v] for k, v in (headers or {}).items()})
+            if auth is not None and _origin(url) == origin:
+                h.setRawHeaders("authorization", [auth])
+            try:
+                response: _Response = await self._client.request(
+                    method,
+                    url,
+                    headers=h,
+                    allow_redirects=False,
+                    unbuffered=unbuffered,
+                    timeout=self._read_timeout,
+                )
+            except (ConnectError, DNSLookupError, ConnectionLost, TimeoutError) as e:
+                raise Unavailable(
+                    "the upstream registry is unreachable", {"upstream": self.name}
+                ) from e
+            except CancelledError as e:
+                if isinstance(e.__context__, TimeoutError) or "timeout" in repr(e).lower():
+                    raise Unavailable(
+                        "the upstream registry did not answer in time", {"upstream": self.name}
+                    ) from e
+                raise
+            except Exception as e:
+                raise Unavailable(
+                    f"the upstream request failed: {type(e).__name__}", {"upstream": self.name}
+                ) from e
+            if response.code in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
+                location = response.headers.getRawHeaders("location", [None])[0]
+                await _drain(response)
+                if not location:
+                    raise Unavailable("the upstream redirected nowhere", {"upstream": self.name})
+                url = urljoin(url, location)
+                if urlsplit(url).scheme not in ("http", "https"):
+                    raise Unavailable("the upstream redirected to a non-HTTP URL")
+                continue
+            return response
+        raise Unavailable("the upstream redirected too many times", {"upstream": self.name})
+
+    # -- authentication --------------------------------------------------------------
+
+    def _scope(self, repository: str | None, params: Mapping[str, str]) -> str:
+        if repository is None:
+            return params.get("scope", "")
+        return f"repository:{repository}:pull"
+
+    async def _authorization(self, repository: str | None) -> str | None:
+        if self._challenge is None:
+            return None
+        scheme, params = self._challenge
+        if scheme == "basic":
+            if not self.config.username:
+                return None
+            return "Basic " + _basic(self.config.username, self.config.password)
+        scope = self._scope(repository, params)
+        cached = self._tokens.get(scope)
+        if cached is not None and cached[1] > self._reactor.seconds():
+            return "Bearer " + cached[0]
+        token, lifetime = await self._fetch_token(params, scope)
+        self._tokens[scope] = (token, self._reactor.seconds() + max(lifetime - 5, 1))
+        return "Bearer " + token
+
+    async def _fetch_token(self, params: Mapping[str, str], scope: str) -> tuple[str, float]:
+        realm = params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Unavailable("the upstream sent an unusable token realm", {"upstream": self.name})
+        query = {"service": params.get("service", "")}
+        if scope:
+            query["scope"] = scope
+        headers = {}
+        if self.config.username:
+            if _same_site(parts.hostname, self._host):
+                headers["authorization"] = "Basic " + _basic(
+                    self.config.username, self.config.password
+                )
+            else:
+                log.warn(
+                    "token realm {realm} is not on the upstream's domain; asking anonymously",
+                    realm=f"{parts.scheme}://{parts.netloc}{parts.path}",
+                )
+        sep = "&" if parts.query else "?"
+        url = realm + sep + urlencode({k: v for k, v in query.items() if v})
+        try:
+            response = await self._client.get(
+                url, headers=headers, timeout=self._read_timeout, allow_redirects=True
+            )
+            body = await response.content()
+        except Exception as e:
+            raise Unavailable("the token service is unreachable", {"upstream": self.name}) from e
+        if response.code in (401, 403):
+            raise Unauthorized(
+                "the upstream's token service refused the mirror's credentials",
+                {"upstream": self.name},
+            )
+        if response.code != 200:
+            raise Unavailable(
+                f"the token service answered {response.code}", {"upstream": self.name}
+            )
+        try:
+            data = json.loads(body)
+            token = data.get("token") or data.get("access_token")
+            lifetime = float(data.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise Unavailable("the token service sent no token", {"upstream": self.name})
+        return token, lifetime
+
+    # -- error mapping ---------------------------------------------------------------
+
+    def error_for(self, response: _Response, what: str) -> RegistryError:
+        """The error to give a client for a non-success upstream answer."""
+        code = response.code
+        detail = {"upstream": self.name, "status": code}
+        if code == 404:
+            cls = {"blob": BlobUnknown, "manifest": ManifestUnknown}.get(what, NameUnknown)
+            return cls(f"{what} unknown to the upstream registry", detail)
+        if code == 401:
+            return Unauthorized("the upstream registry requires authentication", detail)
+        if code == 403:
+            return Denied("the upstream registry denied access", detail)
+        if code == 429:
+            error = TooManyRequests("the upstream registry is rate-limiting the mirror", detail)
+            retry = response.headers.getRawHeaders("retry-after")
+            if retry:
+                error.headers[b"retry-after"] = retry[0].encode("latin-1")
+            return error
+        return Unavailable(f"the upstream registry answered {code}", detail)
+
+
+def _basic(username: str, password: str) -> str:
+    return base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or ""), parts.port
+
+
+async def _drain(response: _Response) -> None:
+    try:
+        await treq.content(response)
+    except Exception:
+        pass

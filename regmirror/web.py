@@ -1,0 +1,410 @@
+"""The ``/v2/`` registry API: a twisted.web Resource tree, read-only.
+
+Routing and validation happen before anything touches the cache or the disk; every
+error is a ``RegistryError`` rendered once, here, in the spec's JSON format. Blobs are
+streamed by ``BlobSender``, a push producer that reads bounded chunks from a committed
+file or follows the temporary file of a fetch in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from regmirror.cache import Accept, Cache, CachedBlob, Manifest
+from regmirror.digest import Digest
+from regmirror.errors import (
+    PaginationInvalid,
+    RegistryError,
+    Unsupported,
+)
+from regmirror.fetch import BlobFetch
+from regmirror.logs import get_logger
+from regmirror.names import parse_reference, validate_name
+from regmirror.ranges import Unsatisfiable, parse_range
+
+log = get_logger()
+
+CHUNK = 1024 * 1024
+API_VERSION = b"registry/2.0"
+READ_METHODS = (b"GET", b"HEAD")
+_ROUTE = re.compile(
+    r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/(?P<tags>list))\Z"
+)
+_UPLOADS = re.compile(r".+/blobs/uploads(?:/.*)?\Z")
+
+
+@attrs.frozen
+class Route:
+    kind: str  # "base", "catalog", "manifest", "blob", "tags"
+    name: str = ""
+    reference: str | Digest = ""
+
+
+def route(method: bytes, path: bytes) -> Route:
+    """Map a raw request path (not percent-decoded) to what it asks for, validating the
+    name, tag and digest it contains. Raises ``RegistryError`` for anything else."""
+    try:
+        text = path.decode("ascii")
+    except UnicodeDecodeError:
+        raise Unsupported("unknown endpoint", status=404) from None
+    if not text.startswith("/v2/") and text != "/v2":
+        raise Unsupported("unknown endpoint", status=404)
+    rest = text[4:]
+    if rest == "":
+        return _read_only(method, Route("base"))
+    if rest == "_catalog":
+        return _read_only(method, Route("catalog"))
+    if _UPLOADS.match(rest):
+        raise Unsupported("this registry is a read-only mirror: pushes are not supported")
+    match = _ROUTE.match(rest)
+    if match is None:
+        raise Unsupported("unknown endpoint", status=404)
+    name = validate_name(match.group("name"))
+    if match.group("tags"):
+        return _read_only(method, Route("tags", name))
+    kind = "manifest" if match.group("kind") == "manifests" else "blob"
+    if method not in READ_METHODS:
+        _read_only(method, Route(kind, name))
+    reference = parse_reference(match.group("ref"))
+    if kind == "blob" and not isinstance(reference, Digest):
+        reference = Digest.parse(match.group("ref"))
+    return Route(kind, name, reference)
+
+
+def _read_only(method: bytes, r: Route) -> Route:
+    if method not in READ_METHODS:
+        error = Unsupported("this registry is a read-only mirror", status=405)
+        error.headers[b"allow"] = b"GET, HEAD"
+        raise error
+    return r
+
+
+def _query_int(request: Request, key: bytes) -> int | None:
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(key)
+    if not values:
+        return None
+    text = values[0].decode("latin-1")
+    if not text.isdigit() or len(text) > 9:
+        raise PaginationInvalid("invalid number of results requested", {"n": text[:20]})
+    return int(text)
+
+
+def _query_str(request: Request, key: bytes) -> str | None:
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(key)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+class RegistryAPI(Resource):
+    """``/v2/`` and everything under it."""
+
+    isLeaf = True
+
+    def __init__(self, cache: Cache) -> None:
+        super().__init__()
+        self._cache = cache
+
+    def render(self, request: Request) -> bytes | int:
+        request.setHeader(b"docker-distribution-api-version", API_VERSION)
+        try:
+            r = route(request.method, request.path)
+            if r.kind == "base":
+                return self._json(request, b"{}")
+            if r.kind == "manifest":
+                manifest = self._cached_manifest(request, r)
+                if manifest is not None:
+                    return self._send_manifest(request, manifest)
+        except RegistryError as e:
+            return self._render_error(request, e)
+        d = Deferred.fromCoroutine(self._handle(request, r))
+        d.addErrback(self._failed, request)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
+
+    # -- handlers --------------------------------------------------------------------
+
+    async def _handle(self, request: Request, r: Route) -> None:
+        if r.kind == "manifest":
+            manifest = await self._cache.manifest(r.name, r.reference, self._accept(request))
+            body = self._send_manifest(request, manifest)
+            request.write(body)
+            request.finish()
+        elif r.kind == "blob":
+            assert isinstance(r.reference, Digest)
+            await self._blob(request, r.name, r.reference)
+        elif r.kind == "tags":
+            n, last = _query_int(request, b"n"), _query_str(request, b"last")
+            body, link = await self._cache.tags(r.name, n, last)
+            self._finish_json(request, body, link)
+        elif r.kind == "catalog":
+            n, last = _query_int(request, b"n"), _query_str(request, b"last")
+            body, link = await self._cache.catalog(n, last)
+            self._finish_json(request, body, link)
+
+    def _accept(self, request: Request) -> Accept:
+        headers = request.requestHeaders.getRawHeaders(b"accept")
+        return Accept.parse([h.decode("latin-1") for h in headers] if headers else None)
+
+    def _cached_manifest(self, request: Request, r: Route) -> Manifest | None:
+        """The fast path: a manifest by digest, or by a fresh tag, from memory."""
+        if isinstance(r.reference, Digest):
+            manifest = self._cache.cached_manifest(r.reference)
+            if manifest is not None and self._accept(request).accepts(manifest.media_type):
+                return manifest
+        return None
+
+    def _send_manifest(self, request: Request, manifest: Manifest) -> bytes:
+        digest = str(manifest.digest).encode()
+        request.setHeader(b"content-type", manifest.media_type.encode())
+        request.setHeader(b"docker-content-digest", digest)
+        request.setHeader(b"etag", b'"' + digest + b'"')
+        request.setHeader(b"content-length", b"%d" % len(manifest.data))
+        if_none_match = request.getHeader(b"if-none-match")
+        if if_none_match is not None and digest in if_none_match:
+            request.setResponseCode(304)
+            return b""
+        if request.method == b"HEAD":
+            return b""
+        return manifest.data
+
+    async def _blob(self, request: Request, name: str, digest: Digest) -> None:
+        if request.method == b"HEAD":
+            size = await self._cache.blob_size(name, digest)
+            self._blob_headers(request, digest, size)
+            request.setHeader(b"content-length", b"%d" % size)
+            request.finish()
+            return
+        source = await self._cache.blob(name, digest)
+        if isinstance(source, CachedBlob):
+            fd, size, fetch = source.fd, source.size, None
+        else:
+            assert source.size is not None
+            fd, size, fetch = source.open_reader(), source.size, source
+        try:
+            self._blob_headers(request, digest, size)
+            first, last = 0, size - 1
+            header = request.getHeader(b"range")
+            try:
+                wanted = parse_range(header.decode("latin-1") if header else None, size)
+            except Unsatisfiable as e:
+                e.headers[b"content-range"] = b"bytes */%d" % size
+                raise
+            if wanted is not None:
+                first, last = wanted
+                request.setResponseCode(206)
+                request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, size))
+            request.setHeader(b"content-length", b"%d" % (last - first + 1))
+        except BaseException:
+            os.close(fd)
+            raise
+        BlobSender(request, fd, first, last + 1, fetch).start()
+
+    def _blob_headers(self, request: Request, digest: Digest, size: int) -> None:
+        d = str(digest).encode()
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"docker-content-digest", d)
+        request.setHeader(b"etag", b'"' + d + b'"')
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"cache-control", b"max-age=31536000")
+
+    # -- responses -------------------------------------------------------------------
+
+    def _json(self, request: Request, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
+    def _finish_json(self, request: Request, body: bytes, link: str | None) -> None:
+        if link is not None:
+            request.setHeader(b"link", link.encode())
+        request.write(self._json(request, body))
+        request.finish()
+
+    def _render_error(self, request: Request, error: RegistryError) -> bytes:
+        request.setResponseCode(error.status)
+        for key, value in error.headers.items():
+            request.setHeader(key, value)
+        body = error.body()
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError) or request.finished or request._disconnected:
+            return
+        if failure.check(RegistryError):
+            error = failure.value
+        else:
+            log.failure("error while handling {uri}", failure, uri=request.uri)
+            error = RegistryError("internal error")
+        if request.startedWriting:
+            _abort(request)
+            return
+        request.write(self._render_error(request, error))
+        request.finish()
+
+
+def _abort(request: Request) -> None:
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class BlobSender:
+    """Streams ``[offset, end)`` of a blob from a file descriptor to a request.
+
+    A push producer: writes 1 MiB chunks until the transport pauses it. When following a
+    fetch in flight it never reads past what the fetch says is readable, waits to be
+    called back for more, and aborts the connection if the fetch fails.
+    """
+
+    def __init__(
+        self, request: Request, fd: int, offset: int, end: int, fetch: BlobFetch | None
+    ) -> None:
+        self._request = request
+        self._fd: int | None = fd
+        self._offset = offset
+        self._end = end
+        self._fetch = fetch
+        self._paused = False
+        self._pumping = False
+        self._done = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addBoth(self._finished)
+        self._pump()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _finished(self, result: Any) -> None:
+        self._close()
+
+    def _on_data(self) -> None:
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping or self._done:
+            return
+        self._pumping = True
+        try:
+            fetch = self._fetch
+            while not self._paused and not self._done:
+                limit = self._end
+                if fetch is not None:
+                    if fetch.failed:
+                        self._abort()
+                        return
+                    limit = min(limit, fetch.readable())
+                if self._offset >= self._end:
+                    self._complete()
+                    return
+                if self._offset >= limit:
+                    assert fetch is not None
+                    fetch.wait(self._on_data)
+                    return
+                assert self._fd is not None
+                data = os.pread(self._fd, min(CHUNK, limit - self._offset), self._offset)
+                if not data:
+                    log.error("blob file shorter than expected; aborting the transfer")
+                    self._abort()
+                    return
+                self._offset += len(data)
+                self._request.write(data)
+        except OSError:
+            log.failure("cannot read blob")
+            self._abort()
+        finally:
+            self._pumping = False
+
+    def _complete(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _abort(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        _abort(self._request)
+
+    def _close(self) -> None:
+        self._done = True
+        if self._fetch is not None:
+            self._fetch.unwait(self._on_data)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Channel(HTTPChannel):
+    """An HTTP channel that answers a TLS handshake on a plain-HTTP port at once, as Go's
+    net/http does: clients that try HTTPS first (skopeo, containerd, podman) then fall
+    back to HTTP immediately instead of waiting for their handshake timeout."""
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16" and self.transport is not None:
+                self.transport.write(
+                    b"HTTP/1.0 400 Bad Request\r\n\r\n"
+                    b"Client sent an HTTP request to an HTTPS server.\n"
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class RegistrySite(Site):
+    """A ``Site`` whose access log is a structured event (or nothing)."""
+
+    def __init__(
+        self, resource: Resource, *, access_log: bool = True, tls: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        if not tls:
+            self.protocol = _Channel  # type: ignore[method-assign]
+        self._access_log = access_log
+        self.noisy = False
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        if not self._access_log:
+            return
+        log.info(
+            '{client} "{method} {uri}" {code} {length}',
+            client=request.getClientAddress().host
+            if hasattr(request.getClientAddress(), "host")
+            else "-",
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1")[:500],
+            code=request.code,
+            length=request.sentLength,
+        )
+
+
+def make_root(cache: Cache) -> Resource:
+    root = Resource()
+    root.putChild(b"v2", RegistryAPI(cache))
+    return root
