@@ -138,22 +138,30 @@ class Cache:
 
     # -- blobs -----------------------------------------------------------------------
 
-    async def blob(self, name: str, digest: Digest) -> CachedBlob | BlobFetch:
-        """The blob from disk, or the fetch in flight that is downloading it."""
+    async def blob(self, name: str, digest: Digest) -> CachedBlob | tuple[BlobFetch, int]:
+        """The blob from disk, or the fetch in flight that is downloading it (with a
+        descriptor of its temporary file)."""
         opened = self.store.open_blob(digest)
         if opened is not None:
             return CachedBlob(*opened)
         fetch = self._fetches.get(digest)
         if fetch is None:
             fetch = await self._blob_flight.run(digest, lambda: self._start_fetch(name, digest))
-        if fetch.size is None:
+        if fetch.size is not None and not fetch.failed:
+            try:
+                return fetch, fetch.open_reader()
+            except FileNotFoundError:
+                pass  # committed, or failed, in the meantime
+        if fetch.state is not State.COMMITTED and not fetch.failed:
             # The upstream did not say how long the blob is: serve it once verified.
             await fetch.when_committed()
-            opened = self.store.open_blob(digest)
-            if opened is None:
-                raise Unavailable("the blob vanished from the cache", {"digest": str(digest)})
-            return CachedBlob(*opened)
-        return fetch
+        opened = self.store.open_blob(digest)
+        if opened is None:
+            raise Unavailable(
+                "the upstream did not deliver the blob intact; try again",
+                {"digest": str(digest)},
+            )
+        return CachedBlob(*opened)
 
     async def blob_size(self, name: str, digest: Digest) -> int:
         """For ``HEAD``: the size of a blob, asking upstream (without fetching) on a miss."""

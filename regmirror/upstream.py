@@ -164,6 +164,7 @@ class Upstream:
                     allow_redirects=False,
                     unbuffered=unbuffered,
                     timeout=self._read_timeout,
+                    reactor=self._reactor,
                 )
             except (ConnectError, DNSLookupError, ConnectionLost, TimeoutError) as e:
                 raise Unavailable(
@@ -237,7 +238,11 @@ class Upstream:
         url = realm + sep + urlencode({k: v for k, v in query.items() if v})
         try:
             response = await self._client.get(
-                url, headers=headers, timeout=self._read_timeout, allow_redirects=True
+                url,
+                headers=headers,
+                timeout=self._read_timeout,
+                allow_redirects=True,
+                reactor=self._reactor,
             )
             body = await response.content()
         except Exception as e:

@@ -190,8 +190,9 @@ class RegistryAPI(Resource):
         if isinstance(source, CachedBlob):
             fd, size, fetch = source.fd, source.size, None
         else:
-            assert source.size is not None
-            fd, size, fetch = source.open_reader(), source.size, source
+            fetch, fd = source
+            assert fetch.size is not None
+            size = fetch.size
         try:
             self._blob_headers(request, digest, size)
             first, last = 0, size - 1

@@ -1,0 +1,103 @@
+"""A blob fetch: readers never see the last byte before the digest matched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from regmirror.digest import Digest
+from regmirror.fetch import BlobFetch, DigestMismatch, State
+from regmirror.store import Store
+
+
+class Reactor(Clock):
+    def getThreadPool(self) -> None:  # only used with fsync=True
+        raise AssertionError("no threads in unit tests")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path)
+    s.prepare()
+    return s
+
+
+def test_last_byte_is_withheld_until_verified(store: Store) -> None:
+    data = b"0123456789"
+    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    calls: list[int] = []
+    fetch.wait(lambda: calls.append(fetch.readable()))
+    fetch.write(data[:5])
+    assert fetch.readable() == 5 and calls == [5]
+    fetch.write(data[5:9])
+    assert fetch.readable() == 9  # everything but the last byte
+    fetch.write(data[9:])
+    assert fetch.state is State.COMMITTED
+    assert fetch.readable() == 10
+    assert store.blob_path(fetch.digest).read_bytes() == data
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_mismatch_discards_the_file_and_fails_readers(store: Store) -> None:
+    data = b"0123456789"
+    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    reader = fetch.open_reader()
+    woken: list[bool] = []
+    fetch.write(b"01234")
+    fetch.wait(lambda: woken.append(fetch.failed))
+    fetch.write(b"5678X")
+    assert woken == [True]
+    assert fetch.failed and isinstance(fetch.error, DigestMismatch)
+    assert fetch.readable() == 0
+    assert not store.blob_path(fetch.digest).exists()
+    assert list(store.tmp.iterdir()) == []
+    os.close(reader)
+
+
+def test_short_body_fails(store: Store) -> None:
+    data = b"0123456789"
+    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch.write(b"0123")
+    fetch.finish()
+    assert fetch.failed
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_too_long_body_fails(store: Store) -> None:
+    data = b"0123456789"
+    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch.write(data + b"!")
+    assert fetch.failed
+    assert not store.blob_path(fetch.digest).exists()
+
+
+def test_unknown_length_is_verified_at_the_end(store: Store) -> None:
+    data = b"abc" * 1000
+    fetch = BlobFetch(Reactor(), store, Digest.of(data), None, fsync=False)
+    fetch.write(data[:1000])
+    assert fetch.readable() == 0
+    fetch.write(data[1000:])
+    fetch.finish()
+    assert fetch.state is State.COMMITTED
+    assert fetch.size == len(data)
+
+
+def test_disk_full_fails_the_fetch_and_removes_the_file(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    data = b"0123456789"
+    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+
+    def full(fd: int, b: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    fetch.write(b"01")
+    monkeypatch.undo()
+    assert fetch.failed
+    assert list(store.tmp.iterdir()) == []

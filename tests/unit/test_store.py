@@ -1,0 +1,73 @@
+"""The store: content becomes visible only by an atomic rename; crashes leave no trace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from regmirror.digest import Digest
+from regmirror.store import Store
+
+
+def test_temp_files_are_invisible_until_committed(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b"layer bytes"
+    digest = Digest.of(data)
+    temp = store.new_temp()
+    os.write(temp.fd, data)
+    os.close(temp.fd)
+    assert store.open_blob(digest) is None
+    assert temp.path.parent == store.tmp
+    store.commit(temp.path, digest)
+    opened = store.open_blob(digest)
+    assert opened is not None
+    fd, size = opened
+    assert size == len(data) and os.pread(fd, 100, 0) == data
+    os.close(fd)
+    assert store.blob_path(digest) == tmp_path / "blobs" / "sha256" / digest.hex[:2] / digest.hex
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_prepare_sweeps_leftover_temporary_files(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    for _ in range(3):
+        os.close(store.new_temp().fd)
+    assert Store(tmp_path).prepare() == 3
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_manifests_round_trip_with_media_type(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b'{"schemaVersion":2}'
+    digest = Digest.of(data)
+    store.write_manifest(digest, data, "application/vnd.oci.image.manifest.v1+json")
+    assert store.read_manifest(digest) == (data, "application/vnd.oci.image.manifest.v1+json")
+
+
+def test_a_damaged_manifest_file_is_not_served(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    data = b'{"schemaVersion":2}'
+    digest = Digest.of(data)
+    store.write_manifest(digest, data, "application/json")
+    store.blob_path(digest).write_bytes(b'{"schemaVersion":3}')
+    assert store.read_manifest(digest) is None
+
+
+def test_tags_tag_lists_and_catalog(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    digest = Digest.of(b"m")
+    store.write_tag("up", "team/app", "1.0", {"application/x": str(digest)})
+    assert store.read_tag("up", "team/app", "1.0") == {"application/x": str(digest)}
+    assert store.read_tag("up", "team/app", "2.0") == {}
+    store.link_manifest("up", "team/app", digest)
+    store.link_manifest("up", "library/alpine", digest)
+    assert store.catalog("up") == ["library/alpine", "team/app"]
+    store.write_tag_list("up", "team/app", ["1.0", "2.0"])
+    assert store.read_tag_list("up", "team/app") == ["1.0", "2.0"]
+    (store.repo_dir("up", "team/app") / "_taglist.json").write_text("{broken")
+    assert store.read_tag_list("up", "team/app") is None
