@@ -20,7 +20,6 @@ from treq.client import HTTPClient
 from treq.response import _Response
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
@@ -75,7 +74,7 @@ class Upstream:
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: Any,  # IReactorTime (and treq's reactor for timeouts)
         config: UpstreamConfig,
         *,
         client: HTTPClient | None = None,
