@@ -30,7 +30,7 @@ from regmirror.errors import (
     RegistryError,
     Unavailable,
 )
-from regmirror.fetch import BlobFetch, State
+from regmirror.fetch import BlobFetch, InlineWriter, State, WriterFactory
 from regmirror.logs import get_logger
 from regmirror.singleflight import SingleFlight
 from regmirror.store import Store
@@ -115,8 +115,10 @@ class Cache:
         manifest_cache_size: int = 64 * 1024 * 1024,
         max_manifest_size: int = 4 * 1024 * 1024,
         read_timeout: float = 60.0,
+        writer: WriterFactory = InlineWriter,
     ) -> None:
         self._reactor = reactor
+        self._writer = writer
         self.store = store
         self.upstream = upstream
         self.tag_freshness = tag_freshness
@@ -193,11 +195,11 @@ class Cache:
             raise self.upstream.error_for(response, "blob")
         size = None if response.length is UNKNOWN_LENGTH else int(response.length)
         fetch = BlobFetch(
-            self._reactor,
             self.store,
             digest,
             size,
             fsync=self._fsync,
+            writer=self._writer,
             on_done=lambda f: self._fetch_done(f, repository),
         )
         self._fetches[digest] = fetch
@@ -554,6 +556,8 @@ class _BlobBody(Protocol):
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        if self.transport is not None:
+            self._fetch.attach(self.transport)  # type: ignore[arg-type]
         if self._idle > 0:
             self._timer = self._reactor.callLater(self._idle, self._check_idle)
         if self._fetch.size == 0:

@@ -1,29 +1,40 @@
 """One upstream download of a blob, shared by every client that asks for it.
 
-The bytes are hashed and appended to a temporary file as they arrive; readers follow the
-growing file at their own pace (``regmirror.web.BlobSender``), so a slow reader never
-slows the download or the other readers, and memory stays bounded. The last byte is
-withheld from readers until the digest matched: a reader can never receive a complete
-body that was not verified. On a mismatch (or any failure) readers are told and abort
-their connections. A verified file is fsynced (in a thread) and renamed into the store.
+The bytes are appended to a temporary file and hashed as they arrive, by a
+``DiskWriter``: in production a thread per fetch (``ThreadedWriter``: ``os.write`` and
+sha256 release the GIL, so the reactor keeps moving bytes while the other core hashes),
+in unit tests inline (``InlineWriter``). Readers follow the growing file at their own
+pace (``regmirror.web.BlobSender``), so a slow reader never slows the download or the
+other readers, and memory stays bounded: when the writer falls behind, the upstream
+connection is paused.
+
+The last byte is withheld from readers until the digest matched: a reader can never
+receive a complete body that was not verified. On a mismatch (or any failure) readers
+are told and abort their connections. A verified file is fsynced (by the writer, off
+the reactor thread) and renamed into the store.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable
 from enum import Enum
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IPushProducer
 
 from regmirror.digest import Digest
 from regmirror.logs import get_logger
 from regmirror.store import Store, is_disk_full
 
 log = get_logger()
+
+# Pause the upstream when this much has arrived but is not on disk yet; resume below LOW.
+HIGH_WATER = 16 * 1024 * 1024
+LOW_WATER = 4 * 1024 * 1024
 
 
 class State(Enum):
@@ -41,7 +52,199 @@ class DigestMismatch(FetchFailed):
     pass
 
 
-Listener = Callable[[], None]
+class Follower(Protocol):
+    """A reader of a fetch in flight (``regmirror.web.BlobSender``)."""
+
+    def fetch_data(self, offset: int, data: bytes) -> None:
+        """Bytes ``[offset, offset+len(data))`` just arrived from upstream (not yet
+        verified, maybe not yet on disk): a reader that is exactly there may send them."""
+
+    def fetch_changed(self) -> None:
+        """More is on disk, or the fetch was verified, or it failed."""
+
+
+class WriterEvents(Protocol):
+    """What a writer reports, always on the reactor thread."""
+
+    def on_progress(self, written: int, hashed: int) -> None: ...
+    def on_hashed(self, total: int, hexdigest: str) -> None: ...
+    def on_synced(self) -> None: ...
+    def on_write_failed(self, error: BaseException) -> None: ...
+
+
+class DiskWriter(Protocol):
+    def put(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
+    def sync(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+WriterFactory = Callable[[int, Any, "int | None", bool, WriterEvents], DiskWriter]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class InlineWriter:
+    """Writes and hashes in the caller's thread (unit tests; tiny blobs)."""
+
+    def __init__(
+        self, fd: int, hasher: Any, size: int | None, fsync: bool, events: WriterEvents
+    ) -> None:
+        self._fd: int | None = fd
+        self._hasher = hasher
+        self._size = size
+        self._fsync = fsync
+        self._events = events
+        self._total = 0
+
+    def put(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, data)
+        except OSError as e:
+            self._close()
+            self._events.on_write_failed(e)
+            return
+        self._hasher.update(data)
+        self._total += len(data)
+        self._events.on_progress(self._total, self._total)
+        if self._total == self._size:
+            self._events.on_hashed(self._total, self._hasher.hexdigest())
+
+    def end(self) -> None:
+        if self._size is None:
+            self._events.on_hashed(self._total, self._hasher.hexdigest())
+
+    def sync(self) -> None:
+        try:
+            if self._fsync and self._fd is not None:
+                os.fsync(self._fd)
+        except OSError as e:
+            self._close()
+            self._events.on_write_failed(e)
+            return
+        self._close()
+        self._events.on_synced()
+
+    def abort(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+_END, _SYNC, _ABORT = object(), object(), object()
+
+
+class ThreadedWriter:
+    """Hashes in one thread and writes (then fsyncs) in another, so that verification
+    never waits for the disk; reports to the reactor with ``callFromThread``,
+    coalescing progress reports."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        fd: int,
+        hasher: Any,
+        size: int | None,
+        fsync: bool,
+        events: WriterEvents,
+    ) -> None:
+        self._call = reactor.callFromThread
+        self._fd = fd
+        self._hasher = hasher
+        self._size = size
+        self._fsync = fsync
+        self._events = events
+        self._hash_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._write_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._written = 0
+        self._hashed = 0
+        self._report_pending = False
+        for target, name in ((self._hash, "hash"), (self._write, "write")):
+            threading.Thread(target=target, name=f"regmirror-{name}", daemon=True).start()
+
+    def put(self, data: bytes) -> None:
+        self._hash_queue.put(data)
+        self._write_queue.put(data)
+
+    def end(self) -> None:
+        self._hash_queue.put(_END)
+
+    def sync(self) -> None:
+        self._hash_queue.put(_ABORT)
+        self._write_queue.put(_SYNC)
+
+    def abort(self) -> None:
+        self._hash_queue.put(_ABORT)
+        self._write_queue.put(_ABORT)
+
+    def _hash(self) -> None:
+        total, size, hasher, get = 0, self._size, self._hasher, self._hash_queue.get
+        while True:
+            item = get()
+            if item is _ABORT:
+                return
+            if item is _END:
+                self._call(self._events.on_hashed, total, hasher.hexdigest())
+                continue
+            hasher.update(item)
+            total += len(item)
+            with self._lock:
+                self._hashed = total
+                pending, self._report_pending = self._report_pending, True
+            if not pending:
+                self._call(self._report)
+            if total == size:
+                self._call(self._events.on_hashed, total, hasher.hexdigest())
+
+    def _report(self) -> None:
+        with self._lock:
+            self._report_pending = False
+            written, hashed = self._written, self._hashed
+        self._events.on_progress(written, hashed)
+
+    def _write(self) -> None:
+        fd, get = self._fd, self._write_queue.get
+        try:
+            while True:
+                item = get()
+                if item is _ABORT:
+                    return
+                if item is _SYNC:
+                    if self._fsync:
+                        os.fsync(fd)
+                    os.close(fd)
+                    fd = -1
+                    self._call(self._events.on_synced)
+                    return
+                _write_all(fd, item)
+                with self._lock:
+                    self._written += len(item)
+                    pending, self._report_pending = self._report_pending, True
+                if not pending:
+                    self._call(self._report)
+        except OSError as e:
+            self._call(self._events.on_write_failed, e)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def threaded_writers(reactor: Any) -> WriterFactory:
+    def factory(
+        fd: int, hasher: Any, size: int | None, fsync: bool, events: WriterEvents
+    ) -> DiskWriter:
+        return ThreadedWriter(reactor, fd, hasher, size, fsync, events)
+
+    return factory
 
 
 class BlobFetch:
@@ -54,116 +257,135 @@ class BlobFetch:
 
     def __init__(
         self,
-        reactor: IReactorThreads,
         store: Store,
         digest: Digest,
         size: int | None,
         *,
         fsync: bool = True,
+        writer: WriterFactory = InlineWriter,
         on_done: Callable[[BlobFetch], None] | None = None,
     ) -> None:
-        self._reactor = reactor
         self._store = store
         self.digest = digest
         self.size = size
-        self._fsync = fsync
         self._on_done = on_done
         temp = store.new_temp()
-        self._fd: int | None = temp.fd
         self.path = temp.path
-        self._hasher = digest.hasher()
+        self.received = 0
         self.written = 0
+        self.hashed = 0
         self.state = State.RUNNING
         self.verified = False
         self.error: BaseException | None = None
-        self._listeners: list[Listener] = []
+        self._followers: list[Follower] = []
         self._committed: list[Deferred[None]] = []
+        self._producer: IPushProducer | None = None
+        self._paused = False
+        self._writer = writer(temp.fd, digest.hasher(), size, fsync, self)
 
     # -- the network side ------------------------------------------------------------
+
+    def attach(self, producer: IPushProducer) -> None:
+        """The upstream connection, paused while the disk writer falls behind."""
+        self._producer = producer
 
     def write(self, data: bytes) -> None:
         if self.state is not State.RUNNING:
             return
-        if self.size is not None and self.written + len(data) > self.size:
+        if self.size is not None and self.received + len(data) > self.size:
             self.fail(FetchFailed(f"upstream sent more than the {self.size} bytes announced"))
             return
-        fd = self._fd
-        assert fd is not None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError as e:
-            self.fail(e)
-            return
-        self._hasher.update(data)
-        self.written += len(data)
-        if self.written == self.size:
-            self._verify()
-        else:
-            self._notify()
+        offset = self.received
+        self.received += len(data)
+        self._writer.put(data)
+        for follower in self._followers:
+            follower.fetch_data(offset, data)
+        if (
+            not self._paused
+            and self._producer is not None
+            and self.received - self._behind() > HIGH_WATER
+        ):
+            self._paused = True
+            self._producer.pauseProducing()
 
     def finish(self) -> None:
         """The upstream body ended cleanly."""
-        if self.state is State.RUNNING and self.size is None:
-            self.size = self.written
-            self._verify()
-        elif self.state is State.RUNNING:
-            self.fail(FetchFailed(f"upstream body ended after {self.written} of {self.size} bytes"))
+        if self.state is not State.RUNNING:
+            return
+        if self.size is None:
+            self._writer.end()
+        elif self.received < self.size:
+            self.fail(
+                FetchFailed(f"upstream body ended after {self.received} of {self.size} bytes")
+            )
 
     def fail(self, error: BaseException) -> None:
         if self.state in (State.FAILED, State.COMMITTED):
             return
+        was_verified = self.verified
         self.state = State.FAILED
         self.error = error
         if isinstance(error, DigestMismatch):
             log.error("{digest}: {error}; discarded", digest=str(self.digest), error=str(error))
         elif is_disk_full(error):
             log.error("{digest}: disk full while writing; discarded", digest=str(self.digest))
+        elif was_verified:
+            log.error("{digest}: cannot commit: {error}", digest=str(self.digest), error=error)
         else:
             log.warn("{digest}: fetch failed: {error}", digest=str(self.digest), error=error)
-        self._close()
+        self._writer.abort()
         self._store.discard(self.path)
         self._notify()
         self._done()
 
-    def _verify(self) -> None:
-        actual = self._hasher.hexdigest()
-        if actual != self.digest.hex:
-            self.fail(DigestMismatch(f"upstream sent content with digest {actual}"))
+    # -- the writer's reports (WriterEvents) -----------------------------------------
+
+    def on_progress(self, written: int, hashed: int) -> None:
+        if self.state not in (State.RUNNING, State.VERIFIED):
             return
+        self.written = written
+        self.hashed = max(self.hashed, hashed)
+        if (
+            self._paused
+            and self._producer is not None
+            and self.received - self._behind() < LOW_WATER
+        ):
+            self._paused = False
+            self._producer.resumeProducing()
+        self._notify()
+
+    def _behind(self) -> int:
+        """The bytes that both the disk and the hash have."""
+        return (
+            self.size if self.verified and self.size is not None else min(self.written, self.hashed)
+        )
+
+    def on_hashed(self, total: int, hexdigest: str) -> None:
+        if self.state is not State.RUNNING:
+            return
+        if hexdigest != self.digest.hex:
+            self.fail(DigestMismatch(f"upstream sent content with digest sha256:{hexdigest}"))
+            return
+        self.size = total
+        self.hashed = total
         self.state = State.VERIFIED
         self.verified = True
         self._notify()
-        fd = self._fd
-        assert fd is not None
-        d = (
-            deferToThreadPool(self._reactor, self._reactor.getThreadPool(), os.fsync, fd)
-            if self._fsync
-            else Deferred.fromCoroutine(_nothing())
-        )
-        d.addCallback(lambda _: self._commit())
-        d.addErrback(self._commit_failed)
+        self._writer.sync()
 
-    def _commit(self) -> None:
-        self._close()
-        self._store.commit(self.path, self.digest)
+    def on_synced(self) -> None:
+        if self.state is not State.VERIFIED:
+            return
+        try:
+            self._store.commit(self.path, self.digest)
+        except OSError as e:
+            self.fail(e)
+            return
         self.state = State.COMMITTED
         self._done()
 
-    def _commit_failed(self, failure: Failure) -> None:
-        # Readers already have everything they need from the open temporary file.
-        log.failure("{digest}: cannot commit", failure, digest=str(self.digest))
-        self._close()
-        self._store.discard(self.path)
-        self.state = State.FAILED
-        self.error = failure.value
-        self._done()
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def on_write_failed(self, error: BaseException) -> None:
+        self.fail(error)
 
     def _done(self) -> None:
         if self._on_done is not None:
@@ -182,22 +404,26 @@ class BlobFetch:
         """Readers must abort: the content was never verified and never will be."""
         return self.state is State.FAILED and not self.verified
 
-    def readable(self) -> int:
-        """How many bytes readers may read now: all that was written once verified,
-        and never the last byte before."""
-        if self.verified:
-            return self.written
+    def sendable(self) -> int:
+        """Bytes a reader may send: everything once verified, never the last byte
+        before."""
+        if self.verified and self.size is not None:
+            return self.size
         if self.state is State.FAILED or self.size is None:
             return 0
-        return min(self.written, self.size - 1)
+        return self.size - 1
 
-    def wait(self, listener: Listener) -> None:
-        """Call ``listener`` once, at the next change (more bytes, verified, failed)."""
-        self._listeners.append(listener)
+    def readable(self) -> int:
+        """Bytes a reader may read from the file now: what is on disk, within
+        ``sendable``."""
+        return min(self.written, self.sendable())
 
-    def unwait(self, listener: Listener) -> None:
+    def follow(self, follower: Follower) -> None:
+        self._followers.append(follower)
+
+    def unfollow(self, follower: Follower) -> None:
         try:
-            self._listeners.remove(listener)
+            self._followers.remove(follower)
         except ValueError:
             pass
 
@@ -219,15 +445,8 @@ class BlobFetch:
             return os.open(self._store.blob_path(self.digest), os.O_RDONLY | os.O_CLOEXEC)
 
     def _notify(self) -> None:
-        if not self._listeners:
-            return
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
+        for follower in list(self._followers):
             try:
-                listener()
+                follower.fetch_changed()
             except Exception:
                 log.failure("a blob reader failed")
-
-
-async def _nothing() -> None:
-    return None

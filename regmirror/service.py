@@ -12,6 +12,7 @@ from twisted.python import usage
 from regmirror import logs
 from regmirror.cache import Cache
 from regmirror.config import Config, ConfigError, load_config
+from regmirror.fetch import threaded_writers
 from regmirror.store import Store
 from regmirror.upstream import Upstream
 from regmirror.web import RegistrySite, make_root
@@ -74,6 +75,7 @@ def build(config: Config, reactor: Any) -> tuple[service.MultiService, Cache]:
         manifest_cache_size=config.manifest_cache_size,
         max_manifest_size=config.max_manifest_size,
         read_timeout=config.read_timeout,
+        writer=threaded_writers(reactor),
     )
     site = RegistrySite(make_root(cache), access_log=config.access_log)
     top = service.MultiService()

@@ -265,11 +265,14 @@ def _abort(request: Request) -> None:
 
 @implementer(IPushProducer)
 class BlobSender:
-    """Streams ``[offset, end)`` of a blob from a file descriptor to a request.
+    """Streams ``[offset, end)`` of a blob to a request.
 
-    A push producer: writes 1 MiB chunks until the transport pauses it. When following a
-    fetch in flight it never reads past what the fetch says is readable, waits to be
-    called back for more, and aborts the connection if the fetch fails.
+    A push producer: it reads bounded chunks from a file descriptor and writes until
+    the transport pauses it. Following a fetch in flight, it sends the bytes the
+    fetch receives straight from memory while it keeps up (``fetch_data``), reads from
+    the temporary file when it has fallen behind, never sends past what the fetch says
+    is sendable (the last byte waits for the digest), and aborts the connection if the
+    fetch fails.
     """
 
     def __init__(
@@ -287,7 +290,11 @@ class BlobSender:
     def start(self) -> None:
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._finished)
+        if self._fetch is not None:
+            self._fetch.follow(self)
         self._pump()
+
+    # -- IPushProducer ---------------------------------------------------------------
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -302,8 +309,24 @@ class BlobSender:
     def _finished(self, result: Any) -> None:
         self._close()
 
-    def _on_data(self) -> None:
-        self._pump()
+    # -- Follower --------------------------------------------------------------------
+
+    def fetch_data(self, offset: int, data: bytes) -> None:
+        if self._paused or self._pumping or self._done or offset != self._offset:
+            return  # behind (or paused): the file catches this reader up later
+        fetch = self._fetch
+        assert fetch is not None
+        n = min(len(data), min(self._end, fetch.sendable()) - offset)
+        if n <= 0:
+            return
+        self._offset += n
+        self._request.write(data if n == len(data) else data[:n])
+
+    def fetch_changed(self) -> None:
+        if not self._paused:
+            self._pump()
+
+    # -- sending ---------------------------------------------------------------------
 
     def _pump(self) -> None:
         if self._pumping or self._done:
@@ -312,19 +335,15 @@ class BlobSender:
         try:
             fetch = self._fetch
             while not self._paused and not self._done:
-                limit = self._end
-                if fetch is not None:
-                    if fetch.failed:
-                        self._abort()
-                        return
-                    limit = min(limit, fetch.readable())
+                if fetch is not None and fetch.failed:
+                    self._abort()
+                    return
                 if self._offset >= self._end:
                     self._complete()
                     return
+                limit = self._end if fetch is None else min(self._end, fetch.readable())
                 if self._offset >= limit:
-                    assert fetch is not None
-                    fetch.wait(self._on_data)
-                    return
+                    return  # fetch_data or fetch_changed wakes us
                 assert self._fd is not None
                 data = os.pread(self._fd, min(CHUNK, limit - self._offset), self._offset)
                 if not data:
@@ -352,7 +371,7 @@ class BlobSender:
     def _close(self) -> None:
         self._done = True
         if self._fetch is not None:
-            self._fetch.unwait(self._on_data)
+            self._fetch.unfollow(self)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

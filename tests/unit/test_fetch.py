@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from twisted.internet.task import Clock
 
 from regmirror.digest import Digest
 from regmirror.fetch import BlobFetch, DigestMismatch, State
 from regmirror.store import Store
 
 
-class Reactor(Clock):
-    def getThreadPool(self) -> None:  # only used with fsync=True
-        raise AssertionError("no threads in unit tests")
+class Recorder:
+    def __init__(self, changed: Callable[[], object]) -> None:
+        self.changed = changed
+        self.data: list[tuple[int, bytes]] = []
+
+    def fetch_data(self, offset: int, data: bytes) -> None:
+        self.data.append((offset, data))
+
+    def fetch_changed(self) -> None:
+        self.changed()
 
 
 @pytest.fixture
@@ -27,9 +34,9 @@ def store(tmp_path: Path) -> Store:
 
 def test_last_byte_is_withheld_until_verified(store: Store) -> None:
     data = b"0123456789"
-    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False)
     calls: list[int] = []
-    fetch.wait(lambda: calls.append(fetch.readable()))
+    fetch.follow(Recorder(lambda: calls.append(fetch.readable())))
     fetch.write(data[:5])
     assert fetch.readable() == 5 and calls == [5]
     fetch.write(data[5:9])
@@ -43,13 +50,14 @@ def test_last_byte_is_withheld_until_verified(store: Store) -> None:
 
 def test_mismatch_discards_the_file_and_fails_readers(store: Store) -> None:
     data = b"0123456789"
-    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False)
     reader = fetch.open_reader()
-    woken: list[bool] = []
+    seen: list[tuple[bool, int]] = []
+
+    fetch.follow(Recorder(lambda: seen.append((fetch.failed, fetch.readable()))))
     fetch.write(b"01234")
-    fetch.wait(lambda: woken.append(fetch.failed))
     fetch.write(b"5678X")
-    assert woken == [True]
+    assert seen == [(False, 5), (False, 9), (True, 0)]
     assert fetch.failed and isinstance(fetch.error, DigestMismatch)
     assert fetch.readable() == 0
     assert not store.blob_path(fetch.digest).exists()
@@ -59,7 +67,7 @@ def test_mismatch_discards_the_file_and_fails_readers(store: Store) -> None:
 
 def test_short_body_fails(store: Store) -> None:
     data = b"0123456789"
-    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False)
     fetch.write(b"0123")
     fetch.finish()
     assert fetch.failed
@@ -68,7 +76,7 @@ def test_short_body_fails(store: Store) -> None:
 
 def test_too_long_body_fails(store: Store) -> None:
     data = b"0123456789"
-    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False)
     fetch.write(data + b"!")
     assert fetch.failed
     assert not store.blob_path(fetch.digest).exists()
@@ -76,7 +84,7 @@ def test_too_long_body_fails(store: Store) -> None:
 
 def test_unknown_length_is_verified_at_the_end(store: Store) -> None:
     data = b"abc" * 1000
-    fetch = BlobFetch(Reactor(), store, Digest.of(data), None, fsync=False)
+    fetch = BlobFetch(store, Digest.of(data), None, fsync=False)
     fetch.write(data[:1000])
     assert fetch.readable() == 0
     fetch.write(data[1000:])
@@ -91,7 +99,7 @@ def test_disk_full_fails_the_fetch_and_removes_the_file(
     import errno
 
     data = b"0123456789"
-    fetch = BlobFetch(Reactor(), store, Digest.of(data), len(data), fsync=False)
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False)
 
     def full(fd: int, b: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -101,3 +109,32 @@ def test_disk_full_fails_the_fetch_and_removes_the_file(
     monkeypatch.undo()
     assert fetch.failed
     assert list(store.tmp.iterdir()) == []
+
+
+def test_threaded_writer_reports_on_the_reactor_thread(store: Store) -> None:
+    from twisted.internet.task import Clock
+
+    from regmirror.fetch import threaded_writers
+
+    class Reactor(Clock):
+        def __init__(self) -> None:
+            super().__init__()
+            import queue
+
+            self.calls: queue.SimpleQueue[tuple[object, tuple[object, ...]]] = queue.SimpleQueue()
+
+        def callFromThread(self, f: object, *args: object) -> None:
+            self.calls.put((f, args))
+
+    reactor = Reactor()
+    data = os.urandom(3 * 1024 * 1024)
+    fetch = BlobFetch(
+        store, Digest.of(data), len(data), fsync=True, writer=threaded_writers(reactor)
+    )
+    for i in range(0, len(data), 65536):
+        fetch.write(data[i : i + 65536])
+    while fetch.state is not State.COMMITTED:
+        f, args = reactor.calls.get(timeout=10)
+        f(*args)  # type: ignore[operator]
+        assert fetch.readable() < len(data) or fetch.verified
+    assert store.blob_path(fetch.digest).read_bytes() == data
