@@ -13,8 +13,9 @@ import re
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -36,6 +37,8 @@ from regmirror.ranges import Unsatisfiable, parse_range
 log = get_logger()
 
 CHUNK = 1024 * 1024
+SENDFILE = hasattr(os, "sendfile")
+SENDFILE_MAX = 16 * 1024 * 1024
 API_VERSION = b"registry/2.0"
 READ_METHODS = (b"GET", b"HEAD")
 _ROUTE = re.compile(
@@ -286,12 +289,17 @@ class BlobSender:
         self._paused = False
         self._pumping = False
         self._done = False
+        self._tcp: tcp.Connection | None = None
 
     def start(self) -> None:
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._finished)
         if self._fetch is not None:
             self._fetch.follow(self)
+        elif SENDFILE:
+            self._tcp = _plain_tcp(self._request)
+            if self._tcp is not None:
+                self._request.write(b"")  # the headers
         self._pump()
 
     # -- IPushProducer ---------------------------------------------------------------
@@ -331,6 +339,9 @@ class BlobSender:
     def _pump(self) -> None:
         if self._pumping or self._done:
             return
+        if self._tcp is not None:
+            self._sendfile()
+            return
         self._pumping = True
         try:
             fetch = self._fetch
@@ -358,6 +369,45 @@ class BlobSender:
         finally:
             self._pumping = False
 
+    def _sendfile(self) -> None:
+        """Zero-copy from the page cache to a plain TCP socket. Twisted's buffer must be
+        empty first (the headers); when the socket is full, ask the transport to tell
+        us (through the HTTP channel's resumeProducing) once it is writable again."""
+        transport = self._tcp
+        assert transport is not None and self._fd is not None
+        while not self._done:
+            if self._offset >= self._end:
+                self._complete()
+                return
+            if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
+                self._when_writable(transport)
+                return
+            try:
+                sent = os.sendfile(
+                    transport.fileno(),
+                    self._fd,
+                    self._offset,
+                    min(SENDFILE_MAX, self._end - self._offset),
+                )
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort()
+                return
+            if sent == 0:
+                if self._offset < self._end and os.fstat(self._fd).st_size <= self._offset:
+                    log.error("blob file shorter than expected; aborting the transfer")
+                    self._abort()
+                    return
+                self._when_writable(transport)
+                return
+            self._offset += sent
+            self._request.sentLength += sent
+
+    def _when_writable(self, transport: tcp.Connection) -> None:
+        transport.producerPaused = True
+        transport.startWriting()
+
     def _complete(self) -> None:
         self._close()
         self._request.unregisterProducer()
@@ -375,6 +425,14 @@ class BlobSender:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _plain_tcp(request: Request) -> tcp.Connection | None:
+    """The request's TCP connection, if nothing (TLS) stands between it and the socket."""
+    transport = getattr(request.channel, "transport", None)
+    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(transport):
+        return transport
+    return None
 
 
 class _Channel(HTTPChannel):
