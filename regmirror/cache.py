@@ -279,6 +279,27 @@ class Cache:
                 return media_type, Digest.parse(digest)
         return None
 
+    def fresh_manifest(self, name: str, reference: str | Digest, accept: Accept) -> Manifest | None:
+        """The manifest from memory or disk, if it can be served without asking upstream:
+        by digest, or by a tag checked within its freshness window."""
+        if isinstance(reference, Digest):
+            manifest = self.cached_manifest(reference)
+            return (
+                manifest if manifest is not None and accept.accepts(manifest.media_type) else None
+            )
+        repository = self.upstream.repository(name)
+        state = self._tag_state(repository, reference)
+        picked = self._pick(state, accept)
+        if picked is None:
+            return None
+        media_type, digest = picked
+        if (
+            self._reactor.seconds() - state.checked.get(media_type, float("-inf"))
+            >= self.tag_freshness
+        ):
+            return None
+        return self.cached_manifest(digest)
+
     async def _manifest_by_tag(self, repository: str, tag: str, accept: Accept) -> Manifest:
         state = self._tag_state(repository, tag)
         picked = self._pick(state, accept)

@@ -118,11 +118,24 @@ class RegistryAPI(Resource):
     def __init__(self, cache: Cache) -> None:
         super().__init__()
         self._cache = cache
+        self._accepts: dict[tuple[bytes, ...], Accept] = {}
+        self._routes: dict[tuple[bytes, bytes], Route] = {}
+
+    def _route(self, method: bytes, path: bytes) -> Route:
+        """``route``, remembered for the paths seen most (valid ones only)."""
+        key = (method, path)
+        r = self._routes.get(key)
+        if r is None:
+            r = route(method, path)
+            if len(self._routes) > 10000:
+                self._routes.clear()
+            self._routes[key] = r
+        return r
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"docker-distribution-api-version", API_VERSION)
         try:
-            r = route(request.method, request.path)
+            r = self._route(request.method, request.path)
             if r.kind == "base":
                 return self._json(request, b"{}")
             if r.kind == "manifest":
@@ -158,15 +171,18 @@ class RegistryAPI(Resource):
 
     def _accept(self, request: Request) -> Accept:
         headers = request.requestHeaders.getRawHeaders(b"accept")
-        return Accept.parse([h.decode("latin-1") for h in headers] if headers else None)
+        key = tuple(headers) if headers else ()
+        accept = self._accepts.get(key)
+        if accept is None:
+            accept = Accept.parse([h.decode("latin-1") for h in key])
+            if len(self._accepts) > 1000:
+                self._accepts.clear()
+            self._accepts[key] = accept
+        return accept
 
     def _cached_manifest(self, request: Request, r: Route) -> Manifest | None:
         """The fast path: a manifest by digest, or by a fresh tag, from memory."""
-        if isinstance(r.reference, Digest):
-            manifest = self._cache.cached_manifest(r.reference)
-            if manifest is not None and self._accept(request).accepts(manifest.media_type):
-                return manifest
-        return None
+        return self._cache.fresh_manifest(r.name, r.reference, self._accept(request))
 
     def _send_manifest(self, request: Request, manifest: Manifest) -> bytes:
         digest = str(manifest.digest).encode()
@@ -435,12 +451,36 @@ def _plain_tcp(request: Request) -> tcp.Connection | None:
     return None
 
 
+class _Request(Request):
+    """A request that keeps HTTP/1.0 keep-alive connections open when the response
+    has a Content-Length (Twisted closes every HTTP/1.0 connection)."""
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.clientproto == b"HTTP/1.0" and self.channel:
+            channel = self.channel
+            if getattr(channel, "_keep_alive_1_0", False):
+                if self.responseHeaders.hasHeader(b"content-length"):
+                    self.responseHeaders.setRawHeaders(b"connection", [b"Keep-Alive"])
+                else:
+                    channel.persistent = False
+        super().write(data)
+
+
 class _Channel(HTTPChannel):
     """An HTTP channel that answers a TLS handshake on a plain-HTTP port at once, as Go's
     net/http does: clients that try HTTPS first (skopeo, containerd, podman) then fall
-    back to HTTP immediately instead of waiting for their handshake timeout."""
+    back to HTTP immediately instead of waiting for their handshake timeout. It also
+    keeps HTTP/1.0 ``Connection: keep-alive`` connections (see ``_Request``)."""
 
     _first = True
+    _keep_alive_1_0 = False
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        if version == b"HTTP/1.0":
+            connection = request.requestHeaders.getRawHeaders(b"connection") or [b""]
+            self._keep_alive_1_0 = b"keep-alive" in connection[0].lower()
+            return self._keep_alive_1_0
+        return bool(super().checkPersistence(request, version))
 
     def dataReceived(self, data: bytes) -> None:
         if self._first:
@@ -461,7 +501,7 @@ class RegistrySite(Site):
     def __init__(
         self, resource: Resource, *, access_log: bool = True, tls: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, requestFactory=_Request, **kwargs)
         if not tls:
             self.protocol = _Channel  # type: ignore[method-assign]
         self._access_log = access_log
