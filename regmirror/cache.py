@@ -47,6 +47,7 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v1+json",
 )
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
+MAX_TAG_PAGES = 100
 
 
 # What the cache needs of a reactor: IReactorTime and IReactorThreads.
@@ -448,37 +449,47 @@ class Cache:
     # -- tags and catalog ------------------------------------------------------------
 
     async def tags(self, name: str, n: int | None, last: str | None) -> tuple[bytes, str | None]:
-        """``tags/list``: from upstream, or the last full list seen when it is down."""
+        """``tags/list``: the upstream's full list (following its own pages), stored, then
+        paginated here in lexical order (distribution 2.8 ignores ``n``); the last full
+        list seen when the upstream is down."""
         repository = self.upstream.repository(name)
-        query = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
-        path = f"/v2/{repository}/tags/list" + (f"?{urlencode(query)}" if query else "")
-        error: RegistryError
         try:
+            tags = await self._upstream_tags(repository, name)
+        except RegistryError as error:
+            cached = self.store.read_tag_list(self.upstream.name, repository)
+            if cached is None or isinstance(error, NameUnknown):
+                raise
+            log.warn(
+                "serving the tag list of {name} stale: {reason}", name=name, reason=error.message
+            )
+            tags = cached
+        else:
+            self.store.write_tag_list(self.upstream.name, repository, tags)
+        page, link = paginate(sorted(set(tags)), n, last, f"/v2/{name}/tags/list")
+        return json.dumps({"name": name, "tags": page}).encode(), link
+
+    async def _upstream_tags(self, repository: str, name: str) -> list[str]:
+        tags: list[str] = []
+        path: str | None = f"/v2/{repository}/tags/list"
+        for _ in range(MAX_TAG_PAGES):
+            assert path is not None
             response = await self.upstream.request("GET", path, repository)
             body = await _read_limited(response, self._max_manifest)
-        except RegistryError as e:
-            error = e
-        else:
-            if response.code == 200:
-                try:
-                    tags = json.loads(body).get("tags") or []
-                except (ValueError, AttributeError):
-                    tags = None
-                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                    raise Unavailable("the upstream sent an invalid tag list")
-                if not query:
-                    self.store.write_tag_list(self.upstream.name, repository, tags)
-                link = _next_link(response, name)
-                return json.dumps({"name": name, "tags": tags}).encode(), link
             if response.code == 404:
                 raise NameUnknown("repository unknown to the upstream registry", {"name": name})
-            error = self.upstream.error_for(response, "repository")
-        cached = self.store.read_tag_list(self.upstream.name, repository)
-        if cached is None:
-            raise error
-        log.warn("serving the tag list of {name} stale: {reason}", name=name, reason=error.message)
-        page, link = paginate(sorted(cached), n, last, f"/v2/{name}/tags/list")
-        return json.dumps({"name": name, "tags": page}).encode(), link
+            if response.code != 200:
+                raise self.upstream.error_for(response, "repository")
+            try:
+                page = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                page = None
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise Unavailable("the upstream sent an invalid tag list", {"name": name})
+            tags.extend(page)
+            path = _next_path(response, repository)
+            if path is None:
+                return tags
+        raise Unavailable("the upstream's tag list has too many pages", {"name": name})
 
     async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
         names = await deferToThreadPool(
@@ -500,14 +511,18 @@ def paginate(
     return page, f'<{path}?{query}>; rel="next"'
 
 
-def _next_link(response: _Response, name: str) -> str | None:
+def _next_path(response: _Response, repository: str) -> str | None:
+    """The next page of an upstream tag list, from its ``Link`` header (only on the
+    same repository: the query is all we take from it)."""
     link = response.headers.getRawHeaders("link", [None])[0]
     if not link or "<" not in link:
         return None
     target = link.split("<", 1)[1].split(">", 1)[0]
     query = target.split("?", 1)[1] if "?" in target else ""
     params = [(k, v) for k, v in parse_qsl(query) if k in ("n", "last")]
-    return f'</v2/{name}/tags/list?{urlencode(params)}>; rel="next"'
+    if not params:
+        return None
+    return f"/v2/{repository}/tags/list?{urlencode(params)}"
 
 
 def _media_type_of(data: bytes) -> str:

@@ -298,9 +298,12 @@ def test_errors_use_the_spec_format(h: Harness) -> None:
 
 
 def test_tag_list_passes_through_and_is_served_stale(h: Harness) -> None:
-    h.upstream.tag_lists["a"] = ["1", "2", "3"]
+    h.upstream.tag_lists["a"] = ["3", "1", "2"]
     response, body = h.request("GET", "/v2/a/tags/list")
-    assert json.loads(body) == {"name": "a", "tags": ["1", "2", "3"]}
+    assert json.loads(body) == {"name": "a", "tags": ["1", "2", "3"]}  # lexical order
+    response, body = h.request("GET", "/v2/a/tags/list?n=1&last=1")
+    assert json.loads(body) == {"name": "a", "tags": ["2"]}
+    assert header(response, "link") == '</v2/a/tags/list?n=1&last=2>; rel="next"'
     h.upstream.down = True
     response, body = h.request("GET", "/v2/a/tags/list?n=2")
     assert json.loads(body) == {"name": "a", "tags": ["1", "2"]}
