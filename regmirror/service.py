@@ -15,7 +15,7 @@ from regmirror.config import Config, ConfigError, load_config
 from regmirror.fetch import threaded_writers
 from regmirror.store import Store
 from regmirror.upstream import Upstream
-from regmirror.web import RegistrySite, make_root
+from regmirror.web import make_site
 
 log = logs.get_logger()
 
@@ -77,7 +77,7 @@ def build(config: Config, reactor: Any) -> tuple[service.MultiService, Cache]:
         read_timeout=config.read_timeout,
         writer=threaded_writers(reactor),
     )
-    site = RegistrySite(make_root(cache), access_log=config.access_log)
+    site = make_site(cache, access_log=config.access_log)
     top = service.MultiService()
     listener = strports.service(config.listen, site)
     listener.setServiceParent(top)

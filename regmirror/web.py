@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 import attrs
@@ -17,7 +18,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -33,6 +34,7 @@ from regmirror.fetch import BlobFetch
 from regmirror.logs import get_logger
 from regmirror.names import parse_reference, validate_name
 from regmirror.ranges import Unsatisfiable, parse_range
+from twisted import copyright
 
 log = get_logger()
 
@@ -40,6 +42,7 @@ CHUNK = 1024 * 1024
 SENDFILE = hasattr(os, "sendfile")
 SENDFILE_MAX = 16 * 1024 * 1024
 API_VERSION = b"registry/2.0"
+SERVER = f"regmirror (TwistedWeb/{copyright.version})".encode()
 READ_METHODS = (b"GET", b"HEAD")
 _ROUTE = re.compile(
     r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/(?P<tags>list))\Z"
@@ -451,9 +454,38 @@ def _plain_tcp(request: Request) -> tcp.Connection | None:
     return None
 
 
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """The Date header, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, datetimeToString(now))
+    return _date[1]
+
+
 class _Request(Request):
-    """A request that keeps HTTP/1.0 keep-alive connections open when the response
-    has a Content-Length (Twisted closes every HTTP/1.0 connection)."""
+    """A request that goes straight to the ``/v2/`` resource (no traversal), and keeps
+    HTTP/1.0 keep-alive connections open when the response has a Content-Length
+    (Twisted closes every HTTP/1.0 connection)."""
+
+    def process(self) -> None:
+        site = getattr(self.channel, "site", None)
+        api = getattr(site, "api", None)
+        if api is None or not (self.path.startswith(b"/v2/") or self.path == b"/v2"):
+            super().process()
+            return
+        self.site = site
+        self.setHeader(b"server", SERVER)
+        self.setHeader(b"date", _http_date())
+        self.prepath = [b"v2"]
+        self.postpath = []
+        try:
+            self.render(api)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.clientproto == b"HTTP/1.0" and self.channel:
@@ -502,6 +534,7 @@ class RegistrySite(Site):
         self, resource: Resource, *, access_log: bool = True, tls: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(resource, requestFactory=_Request, **kwargs)
+        self.api: Resource | None = None
         if not tls:
             self.protocol = _Channel  # type: ignore[method-assign]
         self._access_log = access_log
@@ -526,3 +559,10 @@ def make_root(cache: Cache) -> Resource:
     root = Resource()
     root.putChild(b"v2", RegistryAPI(cache))
     return root
+
+
+def make_site(cache: Cache, *, access_log: bool = True, tls: bool = False) -> RegistrySite:
+    root = make_root(cache)
+    site = RegistrySite(root, access_log=access_log, tls=tls)
+    site.api = root.children[b"v2"]
+    return site
