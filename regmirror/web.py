@@ -506,6 +506,13 @@ class _Channel(HTTPChannel):
 
     _first = True
     _keep_alive_1_0 = False
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Asked for every request (a getsockname call each time); it never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def checkPersistence(self, request: Request, version: bytes) -> bool:
         if version == b"HTTP/1.0":
