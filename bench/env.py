@@ -1,0 +1,371 @@
+"""The benchmark's loopback world, started and stopped by PID.
+
+::
+
+    skopeo/curl/wrk/ab ─> distribution (proxy mode) ─> CountingProxy "dist" ─┐
+    skopeo/curl/wrk/ab ─> regmirror                 ─> CountingProxy "rm"   ─┼─> upstream
+    skopeo             ─────────────────────────────> CountingProxy "direct" ─┘  (distribution)
+
+Each path to the upstream has its own counting proxy, so upstream bytes and requests
+are attributable, and each can be capped at a WAN-like rate.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.images import Blob, Image, RegistryPusher, sha256_digest
+from tests.support.merge import deep_merge
+from tests.support.mirror import Mirror
+from tests.support.proxy import CountingProxy
+from tests.support.upstream import UpstreamRegistry
+from tests.support.wait import poll_until
+
+MiB = 1024 * 1024
+BLOB_REPO = "bench/blobs"
+
+
+def random_blob(seed: str, size: int, chunk: int = 32 * MiB) -> Blob:
+    """``size`` deterministic random bytes, generated in chunks: ``randbytes`` cannot
+    produce 256 MiB or more in one call (it overflows a C int of bits)."""
+    import random
+
+    rng = random.Random(seed)
+    parts = []
+    left = size
+    while left:
+        n = min(chunk, left)
+        parts.append(rng.randbytes(n))
+        left -= n
+    data = b"".join(parts)
+    return Blob(sha256_digest(data), "application/octet-stream", data, seed)
+
+
+@dataclass
+class Side:
+    """One system under test: its server and the counting proxy it reaches upstream by."""
+
+    key: str  # "dist" or "rm"
+    label: str
+    server: UpstreamRegistry | Mirror
+    proxy: CountingProxy
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    def has_blob(self, digest: str) -> bool:
+        if isinstance(self.server, Mirror):
+            return self.server.has_blob(digest)
+        return self.server.blob_data_path(digest).is_file()
+
+    def blob_url(self, name: str, digest: str) -> str:
+        return f"{self.url}/v2/{name}/blobs/{digest}"
+
+
+@dataclass
+class BenchEnv:
+    base_dir: Path
+    regmirror_extra: Mapping[str, Any] = field(default_factory=dict)
+    tag_freshness: str = "30s"
+    upstream: UpstreamRegistry | None = None
+    direct: CountingProxy | None = None
+    dist: Side | None = None
+    rm: Side | None = None
+    _proxies: list[CountingProxy] = field(default_factory=list)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.upstream = UpstreamRegistry(self.base_dir / "upstream")
+        self.upstream.start()
+        self.direct = self._proxy()
+        dist_proxy = self._proxy()
+        dist = UpstreamRegistry(
+            self.base_dir / "distribution",
+            extra_config={
+                "proxy": {"remoteurl": dist_proxy.url},
+                # No per-request logging on either side (regmirror.access_log: false).
+                "log": {
+                    "level": "warn",
+                    "accesslog": {"disabled": True},
+                    "fields": {"service": "distribution-proxy"},
+                },
+            },
+        )
+        self.dist = Side("dist", "distribution proxy", dist, dist_proxy)
+        dist.start()
+        rm_proxy = self._proxy()
+        extra = deep_merge({"regmirror": {"access_log": False}}, self.regmirror_extra)
+        mirror = Mirror(
+            self.base_dir / "regmirror",
+            rm_proxy.url,
+            tag_freshness=self.tag_freshness,
+            log_level="info",
+            extra=extra,
+        )
+        self.rm = Side("rm", "regmirror", mirror, rm_proxy)
+        mirror.start()
+
+    def _proxy(self) -> CountingProxy:
+        assert self.upstream is not None
+        proxy = CountingProxy.to_url(self.upstream.url)
+        self._proxies.append(proxy)
+        proxy.start()
+        return proxy
+
+    def stop(self) -> None:
+        servers: list[Any] = [s.server for s in (self.rm, self.dist) if s is not None]
+        for server in [*servers, self.upstream]:
+            if server is not None:
+                try:
+                    server.stop()
+                except Exception as e:  # stop the rest regardless
+                    print(f"bench: could not stop {server}: {e!r}", flush=True)
+        for proxy in self._proxies:
+            proxy.stop()
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        assert self.dist is not None and self.rm is not None
+        return self.dist, self.rm
+
+    @property
+    def mirror(self) -> Mirror:
+        assert self.rm is not None and isinstance(self.rm.server, Mirror)
+        return self.rm.server
+
+    def set_rate(self, rate: float | None) -> None:
+        """Cap (bytes/s) or uncap (``None``) every path to the upstream."""
+        for proxy in self._proxies:
+            proxy.set_rate_limit(rate)
+
+    # --- content ---------------------------------------------------------------------
+
+    def push_image(self, image: Image) -> None:
+        assert self.upstream is not None
+        with RegistryPusher(self.upstream.url, timeout=300) as pusher:
+            pusher.push_image(image)
+
+    def push_blob(self, blob: Blob, name: str = BLOB_REPO) -> None:
+        assert self.upstream is not None
+        with RegistryPusher(self.upstream.url, timeout=300) as pusher:
+            pusher.push_blob(name, blob, skip_existing=False)
+
+    def wait_stored(self, side: Side, digests: Iterable[str], timeout: float = 120.0) -> None:
+        """Wait until ``side`` has committed every blob to its store, and its upstream
+        traffic has stopped (distribution stores a proxied blob in the background, with
+        a second upstream fetch)."""
+        wanted = list(digests)
+        poll_until(
+            lambda: all(side.has_blob(d) for d in wanted),
+            timeout,
+            interval=0.05,
+            what=f"{side.label} to store {len(wanted)} blob(s)",
+        )
+        wait_quiet(side.proxy, timeout=timeout)
+
+    # --- logs ------------------------------------------------------------------------
+
+    def regmirror_problems(self) -> list[str]:
+        """Warnings, errors and tracebacks in regmirror's log."""
+        return log_problems(self.mirror.log_text())
+
+    def distribution_problems(self) -> list[str]:
+        assert self.dist is not None
+        text = self.dist.server.log_text()
+        return [
+            line
+            for line in text.splitlines()
+            if re.search(r"level=(error|fatal|panic)", line)
+            and "response completed with error" not in line
+        ]
+
+
+def log_problems(text: str) -> list[str]:
+    """Lines of a twistd log at level warn or above (``[namespace#error]``), plus
+    tracebacks (``Traceback`` and the lines that follow it, up to the exception)."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if re.search(r"#(warn|error|critical)\]", line) or "Unhandled" in line:
+            out.append(line)
+        elif "Traceback (most recent call last)" in line:
+            block = [line]
+            i += 1
+            while i < len(lines) and (lines[i].startswith((" ", "\t")) or "\t" in lines[i][:40]):
+                block.append(lines[i])
+                i += 1
+            if i < len(lines):
+                block.append(lines[i])
+            out.append("\n".join(block))
+        i += 1
+    return out
+
+
+def wait_quiet(proxy: CountingProxy, quiet: float = 0.5, timeout: float = 120.0) -> None:
+    """Wait until no byte went through ``proxy`` (downstream) for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = proxy.bytes_down, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = proxy.bytes_down
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise TimeoutError(f"upstream traffic through {proxy.url} did not stop in {timeout:g}s")
+
+
+class TransferWatch:
+    """Notes when ``size`` more bytes than at the start have come through ``proxy``:
+    the moment one full copy of a blob has arrived from upstream."""
+
+    def __init__(self, proxy: CountingProxy, size: int, interval: float = 0.005) -> None:
+        self.proxy = proxy
+        self.size = size
+        self.interval = interval
+        self.done_at: float | None = None
+        self._start = proxy.bytes_down
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if self.proxy.bytes_down - self._start >= self.size:
+                self.done_at = time.monotonic()
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TransferWatch:
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="transfer")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+# --- memory ------------------------------------------------------------------------------
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and its descendants (workers, if a server ever forks any)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (``echo 5 > /proc/PID/clear_refs``, Linux ≥ 4.0)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class RssMonitor:
+    """Peak resident memory of a process tree while a ``with`` block runs.
+
+    Samples the summed VmRSS of the tree every ``interval`` s, and reads the main
+    process's VmHWM (reset at the start), reporting the larger: a short spike between
+    two samples still shows up in VmHWM.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        pids = _descendants(self.pid)
+        refresh = time.monotonic() + 1.0
+        while not self._stop.is_set():
+            if time.monotonic() > refresh:
+                pids, refresh = _descendants(self.pid), time.monotonic() + 1.0
+            total = sum(_status_kib(p, "VmRSS") or 0 for p in pids)
+            self.peak_kib = max(self.peak_kib, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssMonitor:
+        reset_peak_rss(self.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="rss")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        hwm = _status_kib(self.pid, "VmHWM")
+        if hwm is not None:
+            self.peak_kib = max(self.peak_kib, hwm)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_kib / 1024
+
+
+@contextmanager
+def rss_monitors(sides: Iterable[Side]) -> Iterator[dict[str, RssMonitor]]:
+    """One ``RssMonitor`` per side (keyed by ``side.key``)."""
+    monitors = {}
+    for side in sides:
+        assert side.pid is not None
+        monitors[side.key] = RssMonitor(side.pid)
+    for m in monitors.values():
+        m.__enter__()
+    try:
+        yield monitors
+    finally:
+        for m in monitors.values():
+            m.__exit__(None, None, None)
