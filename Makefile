@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null && command -v ab >/dev/null && command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v curl >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry skopeo wrk apache2-utils curl)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

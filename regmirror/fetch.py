@@ -33,8 +33,8 @@ from regmirror.store import Store, is_disk_full
 log = get_logger()
 
 # Pause the upstream when this much has arrived but is not on disk yet; resume below LOW.
-HIGH_WATER = 16 * 1024 * 1024
-LOW_WATER = 4 * 1024 * 1024
+HIGH_WATER = 8 * 1024 * 1024
+LOW_WATER = 2 * 1024 * 1024
 
 
 class State(Enum):

@@ -38,7 +38,7 @@ from twisted import copyright
 
 log = get_logger()
 
-CHUNK = 1024 * 1024
+CHUNK = 256 * 1024
 SENDFILE = hasattr(os, "sendfile")
 SENDFILE_MAX = 16 * 1024 * 1024
 API_VERSION = b"registry/2.0"
