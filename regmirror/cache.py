@@ -8,7 +8,8 @@ upstream fetch among all the clients that ask for the same thing at once.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -33,8 +34,9 @@ from regmirror.errors import (
 )
 from regmirror.fetch import BlobFetch, InlineWriter, State, WriterFactory
 from regmirror.logs import get_logger
+from regmirror.reaper import BLOB, MANIFEST, Reaper, manifest_references
 from regmirror.singleflight import SingleFlight
-from regmirror.store import Store
+from regmirror.store import Store, is_disk_full
 from regmirror.upstream import Upstream
 
 log = get_logger()
@@ -99,10 +101,24 @@ class TagState:
 
 @attrs.frozen
 class CachedBlob:
-    """A committed blob: an open descriptor and its size."""
+    """A committed blob: an open descriptor and its size; ``release`` when done."""
 
     fd: int
     size: int
+    release: Callable[[], None] = lambda: None
+
+
+@attrs.frozen
+class PassThrough:
+    """An upstream response for a blob too large to cache: streamed to one client."""
+
+    response: _Response
+    digest: Digest
+    size: int
+
+
+class _TooBig(Exception):
+    pass
 
 
 class Cache:
@@ -118,9 +134,12 @@ class Cache:
         max_manifest_size: int = 4 * 1024 * 1024,
         read_timeout: float = 60.0,
         writer: WriterFactory = InlineWriter,
+        reaper: Reaper | None = None,
     ) -> None:
         self._reactor = reactor
         self._writer = writer
+        self.reaper = reaper
+        self._readers: Counter[str] = Counter()
         self.store = store
         self.upstream = upstream
         self.tag_freshness = tag_freshness
@@ -142,30 +161,101 @@ class Cache:
 
     # -- blobs -----------------------------------------------------------------------
 
-    async def blob(self, name: str, digest: Digest) -> CachedBlob | tuple[BlobFetch, int]:
+    async def blob(
+        self, name: str, digest: Digest
+    ) -> CachedBlob | tuple[BlobFetch, int, Callable[[], None]] | PassThrough:
         """The blob from disk, or the fetch in flight that is downloading it (with a
-        descriptor of its temporary file)."""
-        opened = self.store.open_blob(digest)
-        if opened is not None:
-            return CachedBlob(*opened)
+        descriptor of its temporary file), or, for a blob that cannot fit in the quota,
+        an upstream response to pass through. Call the ``release`` given when done."""
+        cached = self._open_cached(digest)
+        if cached is not None:
+            return cached
         fetch = self._fetches.get(digest)
         if fetch is None:
-            fetch = await self._blob_flight.run(digest, lambda: self._start_fetch(name, digest))
+            try:
+                fetch = await self._blob_flight.run(digest, lambda: self._start_fetch(name, digest))
+            except _TooBig:
+                return await self._pass_through(name, digest)
         if fetch.size is not None and not fetch.failed:
             try:
-                return fetch, fetch.open_reader()
+                fd = fetch.open_reader()
             except FileNotFoundError:
                 pass  # committed, or failed, in the meantime
+            else:
+                return fetch, fd, self._reading(str(digest))
         if fetch.state is not State.COMMITTED and not fetch.failed:
             # The upstream did not say how long the blob is: serve it once verified.
             await fetch.when_committed()
-        opened = self.store.open_blob(digest)
-        if opened is None:
+        cached = self._open_cached(digest)
+        if cached is None:
             raise Unavailable(
                 "the upstream did not deliver the blob intact; try again",
                 {"digest": str(digest)},
             )
-        return CachedBlob(*opened)
+        return cached
+
+    def _open_cached(self, digest: Digest) -> CachedBlob | None:
+        opened = self.store.open_blob(digest)
+        if opened is None:
+            return None
+        key = str(digest)
+        if self.reaper is not None:
+            self.reaper.used(key)
+        return CachedBlob(*opened, release=self._reading(key))
+
+    def _reading(self, key: str) -> Callable[[], None]:
+        """Count a reader of ``key`` (never evicted while read) until released."""
+        self._readers[key] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._readers[key] -= 1
+                if self._readers[key] <= 0:
+                    del self._readers[key]
+
+        return release
+
+    def in_use(self, key: str) -> bool:
+        """Being read or written: the reaper leaves it alone."""
+        if key in self._readers:
+            return True
+        try:
+            return Digest.parse(key) in self._fetches
+        except RegistryError:
+            return False
+
+    def forget(self, kind: str, key: str) -> None:
+        """The reaper removed ``key``: drop what memory holds of it."""
+        if kind != MANIFEST:
+            return
+        digest = Digest.parse(key)
+        old = self._manifests.pop(digest, None)
+        if old is not None:
+            self._manifest_bytes -= len(old.data)
+        for tag_key, state in list(self._tags.items()):
+            if key in state.variants.values():
+                del self._tags[tag_key]
+
+    async def _pass_through(self, name: str, digest: Digest) -> PassThrough:
+        repository = self.upstream.repository(name)
+        response = await self.upstream.request(
+            "GET", f"/v2/{repository}/blobs/{digest}", repository, unbuffered=True
+        )
+        if response.code != 200:
+            await _discard(response)
+            raise self.upstream.error_for(response, "blob")
+        if response.length is UNKNOWN_LENGTH:
+            await _discard(response)
+            raise Unavailable("the upstream sent no blob size", {"digest": str(digest)})
+        log.warn(
+            "blob {digest} ({size} bytes) does not fit in the cache quota: passed through",
+            digest=str(digest),
+            size=response.length,
+        )
+        return PassThrough(response, digest, int(response.length))
 
     async def blob_size(self, name: str, digest: Digest) -> int:
         """For ``HEAD``: the size of a blob, asking upstream (without fetching) on a miss."""
@@ -196,6 +286,9 @@ class Cache:
             await _discard(response)
             raise self.upstream.error_for(response, "blob")
         size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        if self.reaper is not None and not self.reaper.reserve(digest, size or 0):
+            await _discard(response)
+            raise _TooBig()
         fetch = BlobFetch(
             self.store,
             digest,
@@ -218,9 +311,15 @@ class Cache:
     def _fetch_done(self, fetch: BlobFetch, repository: str) -> None:
         if self._fetches.get(fetch.digest) is fetch:
             del self._fetches[fetch.digest]
+        if self.reaper is not None:
+            self.reaper.release(fetch.digest)
         if fetch.state is State.COMMITTED:
             self.store.link_blob(self.upstream.name, repository, fetch.digest)
+            if self.reaper is not None:
+                self.reaper.added(BLOB, str(fetch.digest), fetch.size or 0)
             log.info("blob {digest} cached", digest=str(fetch.digest))
+        elif fetch.error is not None and is_disk_full(fetch.error) and self.reaper is not None:
+            self.reaper.evict()
 
     # -- manifests -------------------------------------------------------------------
 
@@ -234,12 +333,16 @@ class Cache:
         manifest = self._manifests.get(digest)
         if manifest is not None:
             self._manifests.move_to_end(digest)
+            if self.reaper is not None:
+                self.reaper.used(str(digest))
             return manifest
         found = self.store.read_manifest(digest)
         if found is None:
             return None
         manifest = Manifest(digest, *found)
         self._remember(manifest)
+        if self.reaper is not None:
+            self.reaper.used(str(digest))
         return manifest
 
     def _remember(self, manifest: Manifest) -> None:
@@ -439,6 +542,8 @@ class Cache:
         self.store.write_manifest(digest, data, media_type)
         self.store.link_manifest(self.upstream.name, repository, digest)
         self._remember(manifest)
+        if self.reaper is not None:
+            self.reaper.added(MANIFEST, str(digest), len(data), manifest_references(data))
         log.info(
             "manifest {repository}@{digest} from {upstream}",
             repository=repository,

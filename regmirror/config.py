@@ -108,6 +108,37 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return check
 
 
+def _fraction(value: object) -> float:
+    """A share of the quota: 0.9 or 90%."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"expected a fraction like 0.9 or 90%, got {value!r}") from None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise ValueError(f"expected a fraction like 0.9 or 90%, got {value!r}")
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    """A list of strings (a single string is a list of one)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+def _tls_version(value: object) -> str:
+    """distribution's ``minimumtls``; anything below TLS 1.2 is raised to it."""
+    text = _str(value).lower()
+    if text in ("tls1.0", "tls1.1", "tls1.2"):
+        return "tls1.2"
+    if text == "tls1.3":
+        return text
+    raise ValueError(f"expected tls1.2 or tls1.3, got {value!r}")
+
+
 def _url(value: object) -> str:
     text = _str(value).rstrip("/")
     parts = urlsplit(text)
@@ -128,16 +159,34 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "proxy.username": (_str, ""),
     "proxy.password": (_str, ""),
     "proxy.ttl": (parse_duration, 168 * 3600.0),
+    "http.tls.certificate": (_str, ""),
+    "http.tls.key": (_str, ""),
+    "http.tls.clientcas": (_strings, ()),
+    "http.tls.minimumtls": (_tls_version, "tls1.2"),
+    "auth.htpasswd.path": (_str, ""),
+    "auth.htpasswd.realm": (_str, "regmirror"),
+    "auth.anonymous": (_choice("none", "read"), "none"),
     # regmirror's own extensions
     "regmirror.tag_freshness": (parse_duration, 30.0),
     "regmirror.access_log": (_bool, True),
     "regmirror.fsync": (_bool, True),
+    "regmirror.access.allow": (_strings, ()),
+    "regmirror.access.deny": (_strings, ()),
+    "regmirror.idle_timeout": (parse_duration, 60.0),
+    "regmirror.header_timeout": (parse_duration, 30.0),
+    "regmirror.max_header_size": (parse_size, 16 * 1024),
+    "regmirror.max_headers": (_int, 100),
+    "regmirror.max_url_length": (parse_size, 8 * 1024),
     "regmirror.manifest_cache_size": (parse_size, 64 * 1024 * 1024),
     "regmirror.max_manifest_size": (parse_size, 4 * 1024 * 1024),
     "regmirror.upstream_ca": (_str, ""),
     "regmirror.upstream_connect_timeout": (parse_duration, 10.0),
     "regmirror.upstream_read_timeout": (parse_duration, 60.0),
     "regmirror.upstream_name": (_str, ""),
+    "regmirror.reaper_interval": (parse_duration, 60.0),
+    "regmirror.max_size": (parse_size, 0),
+    "regmirror.high_watermark": (_fraction, 0.95),
+    "regmirror.low_watermark": (_fraction, 0.85),
 }
 
 # Sections and keys of the distribution registry's format that regmirror accepts but
@@ -148,10 +197,10 @@ DISTRIBUTION_KEYS = frozenset(
         "storage.filesystem.maxthreads", "storage.delete", "storage.cache",
         "storage.maintenance", "storage.redirect", "storage.tag", "storage.inmemory",
         "storage.s3", "storage.azure", "storage.gcs", "storage.swift", "storage.oss",
-        "auth", "middleware", "reporting", "notifications", "redis", "health",
+        "auth.token", "auth.silly", "auth.none", "middleware", "reporting", "notifications", "redis", "health",
         "compatibility", "validation", "policy", "catalog",
         "http.prefix", "http.host", "http.secret", "http.relativeurls", "http.draintimeout",
-        "http.tls", "http.debug", "http.headers", "http.http2", "http.h2c",
+        "http.tls.letsencrypt", "http.tls.ciphersuites", "http.debug", "http.headers", "http.http2", "http.h2c",
     }
 )  # fmt: skip
 
@@ -166,6 +215,44 @@ class UpstreamConfig:
 
 
 @attrs.frozen
+class TLSConfig:
+    """``http.tls``: PEM files (the certificate file may hold the full chain)."""
+
+    certificate: str
+    key: str
+    clientcas: tuple[str, ...] = ()
+    minimum: str = "tls1.2"
+
+
+@attrs.frozen
+class AuthConfig:
+    """``auth.htpasswd`` and ``auth.anonymous``."""
+
+    htpasswd: str
+    realm: str
+    anonymous_read: bool = False
+
+
+@attrs.frozen
+class AccessConfig:
+    """``regmirror.access``: repository patterns (fnmatch) allowed and denied."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Limits:
+    """What one client may ask of the listener."""
+
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    max_header_size: int = 16 * 1024
+    max_headers: int = 100
+    max_url_length: int = 8 * 1024
+
+
+@attrs.frozen
 class Config:
     source: str
     listen: str
@@ -174,6 +261,10 @@ class Config:
     ttl: float
     tag_freshness: float
     log_level: str
+    tls: TLSConfig | None
+    auth: AuthConfig | None
+    access: AccessConfig
+    limits: Limits
     access_log: bool
     fsync: bool
     manifest_cache_size: int
@@ -181,6 +272,10 @@ class Config:
     upstream_ca: str
     connect_timeout: float
     read_timeout: float
+    reaper_interval: float = 60.0
+    max_size: int = 0
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
     ignored: tuple[str, ...] = ()
 
 
@@ -241,6 +336,10 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
                 ignored.append(top)
         else:
             raise ConfigError(f"{source}: {path}: unknown configuration key")
+    if values["regmirror.low_watermark"] >= values["regmirror.high_watermark"]:
+        raise ConfigError(
+            f"{source}: regmirror.low_watermark: must be below regmirror.high_watermark"
+        )
     try:
         listen = listen_endpoint(values["http.addr"], values["http.net"])
     except ValueError as e:
@@ -261,6 +360,11 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         warnings.append(
             f"{source}: accepted but not implemented by regmirror: {', '.join(sorted(ignored))}"
         )
+    if any(k.startswith("auth.") for k in ignored) and not values["auth.htpasswd.path"]:
+        warnings.append(
+            f"{source}: auth: only auth.htpasswd is implemented; "
+            "clients are NOT authenticated by this configuration"
+        )
     config = Config(
         source=source,
         listen=listen,
@@ -269,6 +373,18 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         ttl=values["proxy.ttl"],
         tag_freshness=values["regmirror.tag_freshness"],
         log_level=values["log.level"],
+        tls=_tls(values, source),
+        auth=_auth(values, source),
+        access=AccessConfig(
+            allow=values["regmirror.access.allow"], deny=values["regmirror.access.deny"]
+        ),
+        limits=Limits(
+            idle_timeout=values["regmirror.idle_timeout"],
+            header_timeout=values["regmirror.header_timeout"],
+            max_header_size=values["regmirror.max_header_size"],
+            max_headers=values["regmirror.max_headers"],
+            max_url_length=values["regmirror.max_url_length"],
+        ),
         access_log=values["regmirror.access_log"],
         fsync=values["regmirror.fsync"],
         manifest_cache_size=values["regmirror.manifest_cache_size"],
@@ -276,9 +392,43 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         upstream_ca=values["regmirror.upstream_ca"],
         connect_timeout=values["regmirror.upstream_connect_timeout"],
         read_timeout=values["regmirror.upstream_read_timeout"],
+        reaper_interval=values["regmirror.reaper_interval"],
+        max_size=values["regmirror.max_size"],
+        high_watermark=values["regmirror.high_watermark"],
+        low_watermark=values["regmirror.low_watermark"],
         ignored=tuple(sorted(ignored)),
     )
     return config, warnings
+
+
+def _tls(values: Mapping[str, Any], source: str) -> TLSConfig | None:
+    certificate, key = values["http.tls.certificate"], values["http.tls.key"]
+    if not certificate and not key:
+        if values["http.tls.clientcas"]:
+            raise ConfigError(f"{source}: http.tls.clientcas: needs http.tls.certificate and key")
+        return None
+    if not certificate or not key:
+        missing = "http.tls.key" if certificate else "http.tls.certificate"
+        raise ConfigError(f"{source}: {missing}: TLS needs both a certificate and a key")
+    return TLSConfig(
+        certificate=certificate,
+        key=key,
+        clientcas=values["http.tls.clientcas"],
+        minimum=values["http.tls.minimumtls"],
+    )
+
+
+def _auth(values: Mapping[str, Any], source: str) -> AuthConfig | None:
+    path = values["auth.htpasswd.path"]
+    if not path:
+        if values["auth.anonymous"] != "none":
+            raise ConfigError(f"{source}: auth.anonymous: needs auth.htpasswd.path")
+        return None
+    return AuthConfig(
+        htpasswd=path,
+        realm=values["auth.htpasswd.realm"],
+        anonymous_read=values["auth.anonymous"] == "read",
+    )
 
 
 def load_config(path: str | None) -> tuple[Config, list[str]]:

@@ -7,12 +7,14 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
 from regmirror import logs
 from regmirror.cache import Cache
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.fetch import threaded_writers
+from regmirror.reaper import Reaper
 from regmirror.store import Store
 from regmirror.upstream import Upstream
 from regmirror.web import make_site
@@ -66,6 +68,16 @@ def build(config: Config, reactor: Any) -> tuple[service.MultiService, Cache]:
         read_timeout=config.read_timeout,
         trust_root=_trust_root(config.upstream_ca),
     )
+    reaper = Reaper(
+        reactor,
+        store,
+        ttl=config.ttl,
+        interval=config.reaper_interval,
+        max_size=config.max_size,
+        high=config.high_watermark,
+        low=config.low_watermark,
+        run_in_thread=lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a),
+    )
     cache = Cache(
         reactor,
         store,
@@ -76,9 +88,13 @@ def build(config: Config, reactor: Any) -> tuple[service.MultiService, Cache]:
         max_manifest_size=config.max_manifest_size,
         read_timeout=config.read_timeout,
         writer=threaded_writers(reactor),
+        reaper=reaper,
     )
+    reaper.in_use = cache.in_use
+    reaper.forget = cache.forget
     site = make_site(cache, access_log=config.access_log)
     top = service.MultiService()
+    reaper.setServiceParent(top)
     listener = strports.service(config.listen, site)
     listener.setServiceParent(top)
     return top, cache

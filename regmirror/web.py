@@ -11,19 +11,22 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from regmirror.cache import Accept, Cache, CachedBlob, Manifest
+from regmirror.cache import Accept, Cache, CachedBlob, Manifest, PassThrough
 from regmirror.digest import Digest
 from regmirror.errors import (
     PaginationInvalid,
@@ -209,10 +212,15 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await self._cache.blob(name, digest)
+        if isinstance(source, PassThrough):
+            self._blob_headers(request, digest, source.size)
+            request.setHeader(b"content-length", b"%d" % source.size)
+            source.response.deliverBody(_PassThroughBody(request, digest, source.size))
+            return
         if isinstance(source, CachedBlob):
-            fd, size, fetch = source.fd, source.size, None
+            fd, size, fetch, release = source.fd, source.size, None, source.release
         else:
-            fetch, fd = source
+            fetch, fd, release = source
             assert fetch.size is not None
             size = fetch.size
         try:
@@ -231,8 +239,9 @@ class RegistryAPI(Resource):
             request.setHeader(b"content-length", b"%d" % (last - first + 1))
         except BaseException:
             os.close(fd)
+            release()
             raise
-        BlobSender(request, fd, first, last + 1, fetch).start()
+        BlobSender(request, fd, first, last + 1, fetch, release).start()
 
     def _blob_headers(self, request: Request, digest: Digest, size: int) -> None:
         d = str(digest).encode()
@@ -298,8 +307,15 @@ class BlobSender:
     """
 
     def __init__(
-        self, request: Request, fd: int, offset: int, end: int, fetch: BlobFetch | None
+        self,
+        request: Request,
+        fd: int,
+        offset: int,
+        end: int,
+        fetch: BlobFetch | None,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
+        self._release = release
         self._request = request
         self._fd: int | None = fd
         self._offset = offset
@@ -444,6 +460,61 @@ class BlobSender:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self._release()
+
+
+class _PassThroughBody(Protocol):
+    """Streams an upstream blob that is not cached to one client, with the upstream
+    connection as the request's producer (a slow client slows only its own download).
+    The digest is checked as the bytes go by and the last byte is held back until it
+    matched: a wrong body is cut, never completed."""
+
+    def __init__(self, request: Request, digest: Digest, size: int) -> None:
+        self._request = request
+        self._digest = digest
+        self._size = size
+        self._hasher = digest.hasher()
+        self._received = 0
+        self._held = b""
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+        self._request.notifyFinish().addErrback(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._request.finished or self._request._disconnected:
+            return
+        self._hasher.update(data)
+        self._received += len(data)
+        if self._held:
+            self._request.write(self._held)
+        self._request.write(data[:-1])
+        self._held = data[-1:]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        request = self._request
+        if request.finished or request._disconnected:
+            return
+        request.unregisterProducer()
+        ok = (
+            reason.check(ResponseDone) is not None
+            and self._received == self._size
+            and self._hasher.hexdigest() == self._digest.hex
+        )
+        if not ok:
+            log.error(
+                "blob {digest} passed through broke or did not match its digest; cut",
+                digest=str(self._digest),
+            )
+            _abort(request)
+            return
+        if self._held:
+            request.write(self._held)
+        request.finish()
 
 
 def _plain_tcp(request: Request) -> tcp.Connection | None:

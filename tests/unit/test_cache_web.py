@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import treq
 from treq.testing import StubTreq
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -17,6 +18,7 @@ from twisted.web.resource import Resource
 from regmirror.cache import Cache
 from regmirror.config import UpstreamConfig
 from regmirror.digest import Digest
+from regmirror.reaper import Reaper
 from regmirror.store import Store
 from regmirror.testing import FakeRegistry, digest_of
 from regmirror.upstream import Upstream
@@ -32,7 +34,14 @@ class Reactor(Clock):
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, *, freshness: float = 30.0, hub: bool = False) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        freshness: float = 30.0,
+        hub: bool = False,
+        max_size: int = 0,
+    ) -> None:
         self.clock = Reactor()
         self.upstream = FakeRegistry()
         self.upstream_client = StubTreq(self.upstream)
@@ -41,13 +50,25 @@ class Harness:
         )
         self.store = Store(tmp_path)
         self.store.prepare()
+        self.reaper = Reaper(
+            self.clock,
+            self.store,
+            ttl=0,
+            max_size=max_size,
+            run_in_thread=lambda f, *a: maybeDeferred(f, *a),
+            wall_clock=self.clock.seconds,
+        )
+        self.reaper.load()
         self.cache = Cache(
             self.clock,
             self.store,
             Upstream(self.clock, config, client=self.upstream_client),  # type: ignore[arg-type]
             tag_freshness=freshness,
             fsync=False,
+            reaper=self.reaper,
         )
+        self.reaper.in_use = self.cache.in_use
+        self.reaper.forget = self.cache.forget
         self.root: Resource = make_root(self.cache)
         self.client = StubTreq(self.root)
 
@@ -330,3 +351,35 @@ def test_tls_handshake_on_the_plain_port_is_answered_at_once() -> None:
     protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request")
     assert transport.disconnecting
+
+
+def test_a_blob_too_large_for_the_quota_is_passed_through_verified(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_size=100_000)
+    data = bytes(range(256)) * 1000  # 256 kB: more than the whole quota
+    digest = h.upstream.add_blob(data)
+    response, body = h.request("GET", f"/v2/a/blobs/{digest}")
+    assert response.code == 200 and body == data
+    assert not h.store.blob_path(Digest.parse(digest)).exists()
+    assert list(h.store.tmp.iterdir()) == []
+    # Wrong bytes passed through are cut before the last byte.
+    h.upstream.served_blobs[digest] = data[:-1] + b"\x00"
+    d = h.client.get(f"http://mirror.test/v2/a/blobs/{digest}")
+    h.pump()
+    t = SynchronousTestCase()
+    body_d = treq.content(t.successResultOf(d))
+    h.pump()
+    t.failureResultOf(body_d)
+
+
+def test_cached_content_is_recorded_and_used_for_the_reaper(h: Harness) -> None:
+    data = b"x" * 5000
+    digest = h.upstream.add_blob(data)
+    manifest = h.manifest("a", "1")
+    h.request("GET", f"/v2/a/blobs/{digest}")
+    h.request("GET", "/v2/a/manifests/1")
+    assert h.reaper.entries[digest].size == 5000
+    assert h.reaper.entries[manifest].kind == "manifest"
+    h.clock.advance(100)
+    h.request("GET", f"/v2/a/blobs/{digest}")
+    assert h.reaper.entries[digest].last_used == 100
+    assert not h.cache.in_use(digest)  # the reader released it
