@@ -383,3 +383,42 @@ def test_cached_content_is_recorded_and_used_for_the_reaper(h: Harness) -> None:
     h.request("GET", f"/v2/a/blobs/{digest}")
     assert h.reaper.entries[digest].last_used == 100
     assert not h.cache.in_use(digest)  # the reader released it
+
+
+def test_disk_full_cuts_the_transfer_runs_an_eviction_and_keeps_serving(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import regmirror.fetch
+
+    cached = h.upstream.add_blob(b"c" * 1000)
+    h.request("GET", f"/v2/a/blobs/{cached}")
+    evictions: list[bool] = []
+    monkeypatch.setattr(h.reaper, "evict", lambda: evictions.append(True))
+    data = bytes(range(256)) * 1000
+    digest = h.upstream.add_blob(data)
+    h.upstream.hold_blobs = True
+
+    def full(fd: int, b: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    d = h.client.get(f"http://mirror.test/v2/a/blobs/{digest}")
+    h.pump()
+    h.upstream.release(chunk=50_000)  # some bytes reach the client
+    h.pump()
+    monkeypatch.setattr(regmirror.fetch.os, "write", full)
+    h.upstream.release()
+    h.pump()
+    monkeypatch.setattr(regmirror.fetch.os, "write", os.write)
+    t = SynchronousTestCase()
+    response = t.successResultOf(d)
+    body = treq.content(response)
+    h.pump()
+    t.failureResultOf(body)  # cut, never complete
+    assert evictions == [True]
+    assert list(h.store.tmp.iterdir()) == []
+    h.upstream.hold_blobs = False
+    response, got = h.request("GET", f"/v2/a/blobs/{cached}")
+    assert response.code == 200 and got == b"c" * 1000
