@@ -121,6 +121,20 @@ class _TooBig(Exception):
     pass
 
 
+class Shared:
+    """What the caches of all upstreams share: blobs are content-addressed, so a fetch
+    in flight, its readers and the manifests held in memory are the same whichever
+    upstream a client asked through."""
+
+    def __init__(self, manifest_cache_size: int = 64 * 1024 * 1024) -> None:
+        self.fetches: dict[Digest, BlobFetch] = {}
+        self.blob_flight: SingleFlight[BlobFetch] = SingleFlight()
+        self.readers: Counter[str] = Counter()
+        self.manifests: OrderedDict[Digest, Manifest] = OrderedDict()
+        self.manifest_bytes = 0
+        self.manifest_budget = manifest_cache_size
+
+
 class Cache:
     def __init__(
         self,
@@ -135,24 +149,24 @@ class Cache:
         read_timeout: float = 60.0,
         writer: WriterFactory = InlineWriter,
         reaper: Reaper | None = None,
+        shared: Shared | None = None,
     ) -> None:
         self._reactor = reactor
         self._writer = writer
         self.reaper = reaper
-        self._readers: Counter[str] = Counter()
+        self._shared = shared = shared or Shared(manifest_cache_size)
+        self._readers = shared.readers
         self.store = store
         self.upstream = upstream
         self.tag_freshness = tag_freshness
         self._fsync = fsync
         self._max_manifest = max_manifest_size
         self._read_timeout = read_timeout
-        self._fetches: dict[Digest, BlobFetch] = {}
-        self._blob_flight: SingleFlight[BlobFetch] = SingleFlight()
+        self._fetches = shared.fetches
+        self._blob_flight = shared.blob_flight
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
         self._tags: dict[tuple[str, str], TagState] = {}
-        self._manifests: OrderedDict[Digest, Manifest] = OrderedDict()
-        self._manifest_bytes = 0
-        self._manifest_budget = manifest_cache_size
+        self._manifests = shared.manifests
         self.stats = {"blob_fetches": 0, "manifest_fetches": 0, "tag_checks": 0}
 
     @property
@@ -234,7 +248,7 @@ class Cache:
         digest = Digest.parse(key)
         old = self._manifests.pop(digest, None)
         if old is not None:
-            self._manifest_bytes -= len(old.data)
+            self._shared.manifest_bytes -= len(old.data)
         for tag_key, state in list(self._tags.items()):
             if key in state.variants.values():
                 del self._tags[tag_key]
@@ -348,11 +362,12 @@ class Cache:
     def _remember(self, manifest: Manifest) -> None:
         if manifest.digest in self._manifests:
             return
+        shared = self._shared
         self._manifests[manifest.digest] = manifest
-        self._manifest_bytes += len(manifest.data)
-        while self._manifest_bytes > self._manifest_budget and self._manifests:
+        shared.manifest_bytes += len(manifest.data)
+        while shared.manifest_bytes > shared.manifest_budget and self._manifests:
             _, old = self._manifests.popitem(last=False)
-            self._manifest_bytes -= len(old.data)
+            shared.manifest_bytes -= len(old.data)
 
     async def _manifest_by_digest(
         self, repository: str, digest: Digest, accept: Accept
@@ -597,11 +612,65 @@ class Cache:
                 return tags
         raise Unavailable("the upstream's tag list has too many pages", {"name": name})
 
-    async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
-        names = await deferToThreadPool(
+    async def repositories(self) -> list[str]:
+        """The repositories of this upstream in the cache (a directory walk, in a
+        thread)."""
+        names: list[str] = await deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), self.store.catalog, self.upstream.name
         )
-        page, link = paginate(names, n, last, "/v2/_catalog")
+        return names
+
+    async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+        page, link = paginate(await self.repositories(), n, last, "/v2/_catalog")
+        return json.dumps({"repositories": page}).encode(), link
+
+
+class Mirrors:
+    """The caches of every upstream, and how a request picks one: containerd's
+    ``?ns=<registry>`` first, then a first path component that is an upstream's name or
+    alias (``/v2/ghcr.io/owner/image/...``, podman's ``mirror:5000/ghcr``), otherwise
+    the default upstream (the Docker daemon's ``registry-mirrors`` traffic)."""
+
+    def __init__(self, caches: list[Cache]) -> None:
+        self.caches = caches
+        self.default = caches[0]
+        self.by_name: dict[str, Cache] = {}
+        for cache in caches:
+            for label in (cache.upstream.name, *cache.upstream.config.aliases):
+                self.by_name[label] = cache
+
+    def pick(self, name: str, ns: str | None = None) -> tuple[Cache, str]:
+        if ns is not None:
+            cache = self.by_name.get(ns)
+            if cache is None:
+                raise NameUnknown(
+                    f"this mirror has no upstream for ns={ns[:100]}",
+                    {"ns": ns[:100], "upstreams": sorted(c.upstream.name for c in self.caches)},
+                )
+            return cache, name
+        first, _, rest = name.partition("/")
+        if rest:
+            cache = self.by_name.get(first)
+            if cache is not None:
+                return cache, rest
+        return self.default, name
+
+    def in_use(self, key: str) -> bool:
+        return self.default.in_use(key)  # readers and fetches are shared
+
+    def forget(self, kind: str, key: str) -> None:
+        for cache in self.caches:
+            cache.forget(kind, key)
+
+    async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+        names: list[str] = []
+        for cache in self.caches:
+            found = await cache.repositories()
+            if cache is self.default:
+                names.extend(found)
+            else:
+                names.extend(f"{cache.upstream.name}/{name}" for name in found)
+        page, link = paginate(sorted(set(names)), n, last, "/v2/_catalog")
         return json.dumps({"repositories": page}).encode(), link
 
 

@@ -139,6 +139,60 @@ def _tls_version(value: object) -> str:
     raise ValueError(f"expected tls1.2 or tls1.3, got {value!r}")
 
 
+_UPSTREAM_KEYS: dict[str, Callable[[object], Any]] = {
+    "name": lambda v: _name(v),
+    "url": lambda v: _url(v),
+    "aliases": lambda v: tuple(_name(a) for a in _strings(v)),
+    "username": _str,
+    "password": _str,
+    "password_env": _str,
+    "password_file": _str,
+    "tag_freshness": parse_duration,
+    "default": _bool,
+    "docker_config": _str,
+    "credential_helper": lambda v: _helper(v),
+}
+
+
+def _name(value: object) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?", text):
+        raise ValueError(f"expected a registry name like ghcr.io or quay, got {value!r}")
+    return text
+
+
+def _helper(value: object) -> tuple[str, float]:
+    if not isinstance(value, Mapping) or "command" not in value:
+        raise ValueError("expected {command: ..., lifetime: ...}")
+    unknown = set(value) - {"command", "lifetime"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+    return _str(value["command"]), parse_duration(value.get("lifetime", "5m"))
+
+
+def _upstream_list(value: object) -> tuple[dict[str, Any], ...]:
+    """``regmirror.upstreams``: a list of mappings, checked key by key."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list of upstreams")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"[{i}]: expected a mapping with name and url")
+        entry: dict[str, Any] = {}
+        for key, raw in item.items():
+            parser = _UPSTREAM_KEYS.get(key)
+            if parser is None:
+                raise ValueError(f"[{i}].{key}: unknown key")
+            try:
+                entry[key] = parser(raw)
+            except ValueError as e:
+                raise ValueError(f"[{i}].{key}: {e}") from None
+        if "name" not in entry:
+            raise ValueError(f"[{i}]: an upstream needs a name")
+        out.append(entry)
+    return tuple(out)
+
+
 def _url(value: object) -> str:
     text = _str(value).rstrip("/")
     parts = urlsplit(text)
@@ -183,6 +237,9 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.upstream_connect_timeout": (parse_duration, 10.0),
     "regmirror.upstream_read_timeout": (parse_duration, 60.0),
     "regmirror.upstream_name": (_str, ""),
+    "regmirror.upstreams": (lambda v: _upstream_list(v), ()),
+    "regmirror.upstream_failures": (_int, 5),
+    "regmirror.upstream_cooldown": (parse_duration, 30.0),
     "regmirror.reaper_interval": (parse_duration, 60.0),
     "regmirror.max_size": (parse_size, 0),
     "regmirror.high_watermark": (_fraction, 0.95),
@@ -197,10 +254,12 @@ DISTRIBUTION_KEYS = frozenset(
         "storage.filesystem.maxthreads", "storage.delete", "storage.cache",
         "storage.maintenance", "storage.redirect", "storage.tag", "storage.inmemory",
         "storage.s3", "storage.azure", "storage.gcs", "storage.swift", "storage.oss",
-        "auth.token", "auth.silly", "auth.none", "middleware", "reporting", "notifications", "redis", "health",
+        "auth.token", "auth.silly", "auth.none",
+        "middleware", "reporting", "notifications", "redis", "health",
         "compatibility", "validation", "policy", "catalog",
         "http.prefix", "http.host", "http.secret", "http.relativeurls", "http.draintimeout",
-        "http.tls.letsencrypt", "http.tls.ciphersuites", "http.debug", "http.headers", "http.http2", "http.h2c",
+        "http.tls.letsencrypt", "http.tls.ciphersuites",
+        "http.debug", "http.headers", "http.http2", "http.h2c",
     }
 )  # fmt: skip
 
@@ -212,6 +271,13 @@ class UpstreamConfig:
     username: str
     password: str = attrs.field(repr=False)
     docker_hub: bool
+    aliases: tuple[str, ...] = ()
+    tag_freshness: float | None = None  # None: regmirror.tag_freshness
+    password_env: str = ""
+    password_file: str = ""
+    helper_command: str = ""
+    helper_lifetime: float = 300.0
+    docker_config: str = ""
 
 
 @attrs.frozen
@@ -272,6 +338,9 @@ class Config:
     upstream_ca: str
     connect_timeout: float
     read_timeout: float
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
     reaper_interval: float = 60.0
     max_size: int = 0
     high_watermark: float = 0.95
@@ -318,8 +387,10 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping")
     values = {path: default for path, (_, default) in SCHEMA.items()}
+    flat = _flatten(data)
+    values["_proxy_given"] = "proxy.remoteurl" in flat
     ignored: list[str] = []
-    for path, raw in _flatten(data).items():
+    for path, raw in flat.items():
         if path in SCHEMA:
             parser = SCHEMA[path][0]
             if raw is None:
@@ -327,7 +398,8 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
             try:
                 values[path] = parser(raw)
             except ValueError as e:
-                raise ConfigError(f"{source}: {path}: {e}") from None
+                sep = "" if str(e).startswith("[") else " "
+                raise ConfigError(f"{source}: {path}:{sep}{e}") from None
         elif path in DISTRIBUTION_KEYS or any(
             path.startswith(key + ".") for key in DISTRIBUTION_KEYS
         ):
@@ -348,13 +420,8 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
     host = urlsplit(url).netloc
     docker_hub = (urlsplit(url).hostname or "") in DOCKER_HUB_HOSTS
     name = values["regmirror.upstream_name"] or ("docker.io" if docker_hub else host)
-    upstream = UpstreamConfig(
-        name=name,
-        url=url,
-        username=values["proxy.username"],
-        password=values["proxy.password"],
-        docker_hub=docker_hub,
-    )
+    upstreams = _build_upstreams(values, source, name, url, docker_hub)
+    upstream = upstreams[0]
     warnings = []
     if ignored:
         warnings.append(
@@ -392,6 +459,9 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         upstream_ca=values["regmirror.upstream_ca"],
         connect_timeout=values["regmirror.upstream_connect_timeout"],
         read_timeout=values["regmirror.upstream_read_timeout"],
+        upstreams=upstreams,
+        breaker_failures=values["regmirror.upstream_failures"],
+        breaker_cooldown=values["regmirror.upstream_cooldown"],
         reaper_interval=values["regmirror.reaper_interval"],
         max_size=values["regmirror.max_size"],
         high_watermark=values["regmirror.high_watermark"],
@@ -399,6 +469,65 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         ignored=tuple(sorted(ignored)),
     )
     return config, warnings
+
+
+def _build_upstreams(
+    values: Mapping[str, Any], source: str, name: str, url: str, docker_hub: bool
+) -> tuple[UpstreamConfig, ...]:
+    """Every upstream, the default first: ``proxy.remoteurl`` unless an entry of
+    ``regmirror.upstreams`` says ``default: true``; an entry named like the
+    ``proxy`` upstream configures that one."""
+    entries = list(values["regmirror.upstreams"])
+    key = "regmirror.upstreams"
+    base = {
+        "name": name,
+        "url": url,
+        "username": values["proxy.username"],
+        "password": values["proxy.password"],
+    }
+    merged = False
+    for entry in entries:
+        if entry["name"] == name:
+            entry.update({k: v for k, v in base.items() if k not in entry or not entry[k]})
+            merged = True
+    if not merged:
+        entries.insert(0, {**base, "implicit": True})
+    defaults = [e for e in entries if e.get("default")]
+    if len(defaults) > 1:
+        raise ConfigError(f"{source}: {key}: only one upstream can be the default")
+    if defaults:
+        entries.remove(defaults[0])
+        entries.insert(0, defaults[0])
+        if entries[1:] and entries[1].get("implicit") and not values.get("_proxy_given"):
+            entries.pop(1)  # proxy.remoteurl was only the built-in default
+    seen: set[str] = set()
+    out = []
+    for entry in entries:
+        if "url" not in entry:
+            raise ConfigError(f"{source}: {key}: upstream {entry['name']} needs a url")
+        for label in (entry["name"], *entry.get("aliases", ())):
+            if label in seen:
+                raise ConfigError(f"{source}: {key}: the name {label} is used twice")
+            seen.add(label)
+        hub = (urlsplit(entry["url"]).hostname or "") in DOCKER_HUB_HOSTS
+        command, lifetime = entry.get("credential_helper", ("", 300.0))
+        out.append(
+            UpstreamConfig(
+                name=entry["name"],
+                url=entry["url"],
+                username=entry.get("username", ""),
+                password=entry.get("password", ""),
+                docker_hub=hub,
+                aliases=entry.get("aliases", ()),
+                tag_freshness=entry.get("tag_freshness"),
+                password_env=entry.get("password_env", ""),
+                password_file=entry.get("password_file", ""),
+                helper_command=command,
+                helper_lifetime=lifetime,
+                docker_config=entry.get("docker_config", ""),
+            )
+        )
+    return tuple(out)
 
 
 def _tls(values: Mapping[str, Any], source: str) -> TLSConfig | None:

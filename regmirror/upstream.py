@@ -24,6 +24,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 
 from regmirror.config import UpstreamConfig
+from regmirror.credentials import Credential, CredentialError, Credentials
 from regmirror.errors import (
     BlobUnknown,
     Denied,
@@ -81,9 +82,18 @@ class Upstream:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         trust_root: Any = None,
+        credentials: Credentials | None = None,
+        breaker_failures: int = 5,
+        breaker_cooldown: float = 30.0,
     ) -> None:
         self._reactor = reactor
         self.config = config
+        self._credentials = credentials
+        self._breaker_failures = breaker_failures
+        self._breaker_cooldown = breaker_cooldown
+        self._failures = 0
+        self._open_until = 0.0
+        self.ratelimit_remaining: str | None = None
         self.name = config.name
         self._base = config.url
         self._host = urlsplit(config.url).hostname or ""
@@ -116,11 +126,65 @@ class Upstream:
         *,
         unbuffered: bool = False,
     ) -> _Response:
-        """Send a request for ``path`` (under ``/v2/``), authenticating as challenged."""
+        """Send a request for ``path`` (under ``/v2/``), authenticating as challenged.
+        Behind a circuit breaker: after ``breaker_failures`` consecutive failures
+        (unreachable, timeouts, 5xx) the upstream is not asked for ``breaker_cooldown``
+        seconds, and requests fail at once."""
+        now = self._reactor.seconds()
+        if now < self._open_until:
+            raise Unavailable(
+                "the upstream registry is failing; not asking it again for "
+                f"{self._open_until - now:.0f} s",
+                {"upstream": self.name},
+            )
+        try:
+            response = await self._request(method, path, repository, headers, unbuffered)
+        except Unavailable:
+            self._failed()
+            raise
+        if response.code >= 500:
+            self._failed()
+        else:
+            self._failures = 0
+        remaining = response.headers.getRawHeaders("ratelimit-remaining")
+        if remaining and remaining[0] != self.ratelimit_remaining:
+            self.ratelimit_remaining = remaining[0]
+            log.info(
+                "{upstream} rate limit remaining: {remaining}",
+                upstream=self.name,
+                remaining=remaining[0],
+            )
+        return response
+
+    def _failed(self) -> None:
+        self._failures += 1
+        if self._failures >= self._breaker_failures > 0:
+            self._open_until = self._reactor.seconds() + self._breaker_cooldown
+            log.warn(
+                "circuit breaker for {upstream} opened after {count} consecutive failures; "
+                "answering misses at once for {cooldown} s",
+                upstream=self.name,
+                count=self._failures,
+                cooldown=self._breaker_cooldown,
+            )
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        repository: str | None,
+        headers: Mapping[str, str] | None,
+        unbuffered: bool,
+    ) -> _Response:
         url = self._base + path
         sent_auth = False
         for _ in range(2):
-            auth = await self._authorization(repository)
+            try:
+                auth = await self._authorization(repository)
+            except CredentialError as e:
+                raise Unavailable(
+                    f"the upstream's credentials are unavailable: {e}", {"upstream": self.name}
+                ) from None
             sent_auth = sent_auth or auth is not None
             response = await self._send(method, url, headers, auth, unbuffered)
             if response.code != 401:
@@ -137,10 +201,17 @@ class Upstream:
             self._challenge = (scheme, params)
         raise Unauthorized(
             "the upstream registry refused the mirror's credentials"
-            if self.config.username
+            if self._has_credentials
             else "the upstream registry requires authentication",
             {"upstream": self.name},
         )
+
+    @property
+    def _has_credentials(self) -> bool:
+        return self._credentials is not None and self._credentials.configured
+
+    async def _credential(self) -> Credential | None:
+        return await self._credentials.get() if self._credentials is not None else None
 
     async def _send(
         self,
@@ -203,9 +274,10 @@ class Upstream:
             return None
         scheme, params = self._challenge
         if scheme == "basic":
-            if not self.config.username:
+            credential = await self._credential()
+            if credential is None:
                 return None
-            return "Basic " + _basic(self.config.username, self.config.password)
+            return "Basic " + _basic(credential.username, credential.password)
         scope = self._scope(repository, params)
         cached = self._tokens.get(scope)
         if cached is not None and cached[1] > self._reactor.seconds():
@@ -223,10 +295,11 @@ class Upstream:
         if scope:
             query["scope"] = scope
         headers = {}
-        if self.config.username:
+        credential = await self._credential()
+        if credential is not None:
             if _same_site(parts.hostname, self._host):
                 headers["authorization"] = "Basic " + _basic(
-                    self.config.username, self.config.password
+                    credential.username, credential.password
                 )
             else:
                 log.warn(
