@@ -5,19 +5,21 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
 from regmirror import logs
-from regmirror.cache import Cache
+from regmirror.cache import Cache, Mirrors, Shared
 from regmirror.config import Config, ConfigError, load_config
+from regmirror.credentials import Credentials
 from regmirror.fetch import threaded_writers
+from regmirror.front import add_listener, check_files
 from regmirror.reaper import Reaper
 from regmirror.store import Store
+from regmirror.tls import ServerTLS
 from regmirror.upstream import Upstream
-from regmirror.web import make_site
 
 log = logs.get_logger()
 
@@ -37,6 +39,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self.loaded = load_config(self["config"])
+            self.tls = check_files(self.loaded[0])
         except ConfigError as e:
             sys.stderr.write(f"regmirror: {e}\n")
             raise SystemExit(2) from None
@@ -54,19 +57,17 @@ def _trust_root(path: str) -> Any:
     return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
 
 
-def build(config: Config, reactor: Any) -> tuple[service.MultiService, Cache]:
+def build(
+    config: Config, reactor: Any, tls: ServerTLS | None = None
+) -> tuple[service.MultiService, Cache]:
     """The service tree for a configuration (the reactor injected)."""
     logs.set_level(config.log_level)
     store = Store(config.root)
     swept = store.prepare()
     if swept:
         log.info("swept {count} temporary files left by a previous run", count=swept)
-    upstream = Upstream(
-        reactor,
-        config.upstream,
-        connect_timeout=config.connect_timeout,
-        read_timeout=config.read_timeout,
-        trust_root=_trust_root(config.upstream_ca),
+    run_in_thread = lambda f, *a: deferToThreadPool(  # noqa: E731
+        reactor, reactor.getThreadPool(), f, *a
     )
     reaper = Reaper(
         reactor,
@@ -76,27 +77,47 @@ def build(config: Config, reactor: Any) -> tuple[service.MultiService, Cache]:
         max_size=config.max_size,
         high=config.high_watermark,
         low=config.low_watermark,
-        run_in_thread=lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a),
+        run_in_thread=run_in_thread,
     )
-    cache = Cache(
-        reactor,
-        store,
-        upstream,
-        tag_freshness=config.tag_freshness,
-        fsync=config.fsync,
-        manifest_cache_size=config.manifest_cache_size,
-        max_manifest_size=config.max_manifest_size,
-        read_timeout=config.read_timeout,
-        writer=threaded_writers(reactor),
-        reaper=reaper,
-    )
-    reaper.in_use = cache.in_use
-    reaper.forget = cache.forget
-    site = make_site(cache, access_log=config.access_log)
+    shared = Shared(config.manifest_cache_size)
+    trust_root = _trust_root(config.upstream_ca)
+    caches = []
+    for upstream_config in config.upstreams or (config.upstream,):
+        upstream = Upstream(
+            reactor,
+            upstream_config,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            trust_root=trust_root,
+            credentials=Credentials(
+                upstream_config, clock=reactor.seconds, run_in_thread=run_in_thread
+            ),
+            breaker_failures=config.breaker_failures,
+            breaker_cooldown=config.breaker_cooldown,
+        )
+        freshness = upstream_config.tag_freshness
+        caches.append(
+            Cache(
+                reactor,
+                store,
+                upstream,
+                tag_freshness=config.tag_freshness if freshness is None else freshness,
+                fsync=config.fsync,
+                manifest_cache_size=config.manifest_cache_size,
+                max_manifest_size=config.max_manifest_size,
+                read_timeout=config.read_timeout,
+                writer=threaded_writers(reactor),
+                reaper=reaper,
+                shared=shared,
+            )
+        )
+    mirrors = Mirrors(caches)
+    cache = mirrors.default
+    reaper.in_use = mirrors.in_use
+    reaper.forget = mirrors.forget
     top = service.MultiService()
     reaper.setServiceParent(top)
-    listener = strports.service(config.listen, site)
-    listener.setServiceParent(top)
+    add_listener(top, config, mirrors, reactor, tls)
     return top, cache
 
 
@@ -106,11 +127,13 @@ def makeService(options: Options) -> service.MultiService:
     config, warnings = options.loaded
     for warning in warnings:
         log.warn("{warning}", warning=warning)
-    top, _ = build(config, reactor)
+    top, _ = build(config, reactor, options.tls)
     log.info(
-        "regmirror mirroring {upstream} ({url}) into {root}, listening on {listen}",
-        upstream=config.upstream.name,
-        url=config.upstream.url,
+        "regmirror mirroring {upstreams} into {root}, listening on {listen}",
+        upstreams=", ".join(
+            f"{u.name} ({u.url}){' [default]' if i == 0 else ''}"
+            for i, u in enumerate(config.upstreams or (config.upstream,))
+        ),
         root=str(config.root.absolute()),
         listen=config.listen,
     )

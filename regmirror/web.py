@@ -8,6 +8,7 @@ file or follows the temporary file of a fetch in flight.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -21,19 +22,23 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from regmirror.cache import Accept, Cache, CachedBlob, Manifest, PassThrough
+from regmirror.auth import AccessRules, ClientAuth
+from regmirror.cache import Accept, Cache, CachedBlob, Manifest, Mirrors, PassThrough
+from regmirror.config import Limits
 from regmirror.digest import Digest
 from regmirror.errors import (
+    Denied,
     PaginationInvalid,
     RegistryError,
     Unsupported,
 )
 from regmirror.fetch import BlobFetch
+from regmirror.limits import LimitedChannel, StallTimer
 from regmirror.logs import get_logger
 from regmirror.names import parse_reference, validate_name
 from regmirror.ranges import Unsatisfiable, parse_range
@@ -121,9 +126,19 @@ class RegistryAPI(Resource):
 
     isLeaf = True
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(
+        self,
+        cache: Cache | Mirrors,
+        *,
+        auth: ClientAuth | None = None,
+        access: AccessRules | None = None,
+        max_url_length: int = 8 * 1024,
+    ) -> None:
         super().__init__()
-        self._cache = cache
+        self._mirrors = cache if isinstance(cache, Mirrors) else Mirrors([cache])
+        self._auth = auth
+        self._access = access if access is not None and access.restricts else None
+        self._max_url_length = max_url_length
         self._accepts: dict[tuple[bytes, ...], Accept] = {}
         self._routes: dict[tuple[bytes, bytes], Route] = {}
 
@@ -140,40 +155,118 @@ class RegistryAPI(Resource):
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"docker-distribution-api-version", API_VERSION)
+        if len(request.uri) > self._max_url_length:
+            error = Unsupported("the request URI is too long", status=414)
+            return self._render_error(request, error)
+        if self._auth is not None:
+            user = self._auth.htpasswd.authenticate(request.getHeader(b"authorization"))
+            if isinstance(user, Deferred):
+                user.addCallback(self._authenticated, request)
+                user.addErrback(self._failed, request)
+                return NOT_DONE_YET
+            if user is None and not self._anonymous_allowed(request):
+                return self._render_error(request, self._auth.challenge())
+            if user is not None:
+                request.regmirror_user = user  # type: ignore[attr-defined]
+        return self._dispatch(request)
+
+    def _anonymous_allowed(self, request: Request) -> bool:
+        assert self._auth is not None
+        return (
+            self._auth.anonymous_read
+            and request.method in READ_METHODS
+            and not request.getHeader(b"authorization")
+        )
+
+    def _authenticated(self, user: str | None, request: Request) -> None:
+        if request.finished or request._disconnected:
+            return
+        if user is None and not self._anonymous_allowed(request):
+            assert self._auth is not None
+            body: bytes | int = self._render_error(request, self._auth.challenge())
+        else:
+            if user is not None:
+                request.regmirror_user = user  # type: ignore[attr-defined]
+            body = self._dispatch(request)
+        if body is not NOT_DONE_YET:
+            assert isinstance(body, bytes)
+            request.write(body)
+            request.finish()
+
+    def _check_access(self, sent: str, r: Route, cache: Cache) -> None:
+        """``regmirror.access``: patterns match the name as the client sent it, as the
+        upstream knows it, and prefixed with the upstream's name (``docker.io/library/
+        alpine``), so that one list can hold rules for several upstreams."""
+        if self._access is None or not r.name:
+            return
+        upstream = cache.upstream
+        repository = upstream.repository(r.name)
+        names = (sent, r.name, repository, f"{upstream.name}/{repository}")
+        if not self._access.allows(names):
+            raise Denied("access to this repository is denied", {"name": sent})
+
+    def _pick(self, request: Request, r: Route) -> tuple[Route, Cache]:
+        """The upstream a request is for (``?ns=``, a path prefix, or the default)."""
+        if not r.name:
+            return r, self._mirrors.default
+        ns = _query_str(request, b"ns") if request.args else None
+        cache, name = self._mirrors.pick(r.name, ns)
+        return (r if name == r.name else attrs.evolve(r, name=name)), cache
+
+    def _dispatch(self, request: Request) -> bytes | int:
         try:
-            r = self._route(request.method, request.path)
+            sent = self._route(request.method, request.path)
+            r, cache = self._pick(request, sent)
+            self._check_access(sent.name, r, cache)
             if r.kind == "base":
                 return self._json(request, b"{}")
             if r.kind == "manifest":
-                manifest = self._cached_manifest(request, r)
+                manifest = self._cached_manifest(request, r, cache)
                 if manifest is not None:
                     return self._send_manifest(request, manifest)
         except RegistryError as e:
             return self._render_error(request, e)
-        d = Deferred.fromCoroutine(self._handle(request, r))
+        d = Deferred.fromCoroutine(self._handle(request, r, cache))
         d.addErrback(self._failed, request)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return NOT_DONE_YET
 
     # -- handlers --------------------------------------------------------------------
 
-    async def _handle(self, request: Request, r: Route) -> None:
+    async def _handle(self, request: Request, r: Route, cache: Cache) -> None:
         if r.kind == "manifest":
-            manifest = await self._cache.manifest(r.name, r.reference, self._accept(request))
+            manifest = await cache.manifest(r.name, r.reference, self._accept(request))
             body = self._send_manifest(request, manifest)
             request.write(body)
             request.finish()
         elif r.kind == "blob":
             assert isinstance(r.reference, Digest)
-            await self._blob(request, r.name, r.reference)
+            await self._blob(request, cache, r.name, r.reference)
         elif r.kind == "tags":
             n, last = _query_int(request, b"n"), _query_str(request, b"last")
-            body, link = await self._cache.tags(r.name, n, last)
+            body, link = await cache.tags(r.name, n, last)
             self._finish_json(request, body, link)
         elif r.kind == "catalog":
             n, last = _query_int(request, b"n"), _query_str(request, b"last")
-            body, link = await self._cache.catalog(n, last)
+            body, link = await self._mirrors.catalog(n, last)
+            if self._access is not None:
+                body = self._filter_catalog(body)
             self._finish_json(request, body, link)
+
+    def _filter_catalog(self, body: bytes) -> bytes:
+        """Repositories the access rules deny are not listed."""
+        assert self._access is not None
+        doc = json.loads(body)
+        names = doc.get("repositories") or []
+        upstream = self._mirrors.default.upstream
+        doc["repositories"] = [
+            n
+            for n in names
+            if self._access.allows(
+                (n, upstream.repository(n), f"{upstream.name}/{upstream.repository(n)}")
+            )
+        ]
+        return json.dumps(doc).encode()
 
     def _accept(self, request: Request) -> Accept:
         headers = request.requestHeaders.getRawHeaders(b"accept")
@@ -186,9 +279,9 @@ class RegistryAPI(Resource):
             self._accepts[key] = accept
         return accept
 
-    def _cached_manifest(self, request: Request, r: Route) -> Manifest | None:
+    def _cached_manifest(self, request: Request, r: Route, cache: Cache) -> Manifest | None:
         """The fast path: a manifest by digest, or by a fresh tag, from memory."""
-        return self._cache.fresh_manifest(r.name, r.reference, self._accept(request))
+        return cache.fresh_manifest(r.name, r.reference, self._accept(request))
 
     def _send_manifest(self, request: Request, manifest: Manifest) -> bytes:
         digest = str(manifest.digest).encode()
@@ -204,14 +297,14 @@ class RegistryAPI(Resource):
             return b""
         return manifest.data
 
-    async def _blob(self, request: Request, name: str, digest: Digest) -> None:
+    async def _blob(self, request: Request, cache: Cache, name: str, digest: Digest) -> None:
         if request.method == b"HEAD":
-            size = await self._cache.blob_size(name, digest)
+            size = await cache.blob_size(name, digest)
             self._blob_headers(request, digest, size)
             request.setHeader(b"content-length", b"%d" % size)
             request.finish()
             return
-        source = await self._cache.blob(name, digest)
+        source = await cache.blob(name, digest)
         if isinstance(source, PassThrough):
             self._blob_headers(request, digest, source.size)
             request.setHeader(b"content-length", b"%d" % source.size)
@@ -327,6 +420,10 @@ class BlobSender:
         self._tcp: tcp.Connection | None = None
 
     def start(self) -> None:
+        site = getattr(self._request.channel, "site", None)
+        self._stall = StallTimer(
+            getattr(site, "reactor", None), getattr(site, "stall_timeout", 0.0), self._abort
+        )
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._finished)
         if self._fetch is not None:
@@ -341,9 +438,11 @@ class BlobSender:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._stall.paused()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._stall.resumed()
         self._pump()
 
     def stopProducing(self) -> None:
@@ -440,6 +539,7 @@ class BlobSender:
             self._request.sentLength += sent
 
     def _when_writable(self, transport: tcp.Connection) -> None:
+        self._stall.paused()
         transport.producerPaused = True
         transport.startWriting()
 
@@ -455,6 +555,7 @@ class BlobSender:
 
     def _close(self) -> None:
         self._done = True
+        self._stall.stop()
         if self._fetch is not None:
             self._fetch.unfollow(self)
         if self._fd is not None:
@@ -569,11 +670,12 @@ class _Request(Request):
         super().write(data)
 
 
-class _Channel(HTTPChannel):
+class _Channel(LimitedChannel):
     """An HTTP channel that answers a TLS handshake on a plain-HTTP port at once, as Go's
     net/http does: clients that try HTTPS first (skopeo, containerd, podman) then fall
-    back to HTTP immediately instead of waiting for their handshake timeout. It also
-    keeps HTTP/1.0 ``Connection: keep-alive`` connections (see ``_Request``)."""
+    back to HTTP immediately instead of waiting for their handshake timeout (not on a TLS
+    listener: ``_first`` is false there). It also keeps HTTP/1.0 ``Connection:
+    keep-alive`` connections (see ``_Request``), and enforces the listener's ``Limits``."""
 
     _first = True
     _keep_alive_1_0 = False
@@ -606,26 +708,46 @@ class _Channel(HTTPChannel):
 
 
 class RegistrySite(Site):
-    """A ``Site`` whose access log is a structured event (or nothing)."""
+    """A ``Site`` whose access log is a structured event (or nothing), whose channels
+    enforce ``limits`` (``idle_timeout`` is the Site's timeout)."""
+
+    protocol = _Channel
 
     def __init__(
-        self, resource: Resource, *, access_log: bool = True, tls: bool = False, **kwargs: Any
+        self,
+        resource: Resource,
+        *,
+        access_log: bool = True,
+        tls: bool = False,
+        limits: Limits | None = None,
+        **kwargs: Any,
     ) -> None:
+        limits = limits or Limits()
+        kwargs.setdefault("timeout", limits.idle_timeout or None)
         super().__init__(resource, requestFactory=_Request, **kwargs)
         self.api: Resource | None = None
-        if not tls:
-            self.protocol = _Channel  # type: ignore[method-assign]
+        self.tls = tls
+        self.limits = limits
+        self.stall_timeout = limits.idle_timeout
         self._access_log = access_log
         self.noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if isinstance(channel, _Channel):
+            channel.configure(self.limits)
+            channel._first = not self.tls
+        return channel
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         if not self._access_log:
             return
         log.info(
-            '{client} "{method} {uri}" {code} {length}',
+            '{client} {user} "{method} {uri}" {code} {length}',
             client=request.getClientAddress().host
             if hasattr(request.getClientAddress(), "host")
             else "-",
+            user=getattr(request, "regmirror_user", None) or "-",
             method=request.method.decode("latin-1"),
             uri=request.uri.decode("latin-1")[:500],
             code=request.code,
@@ -633,14 +755,30 @@ class RegistrySite(Site):
         )
 
 
-def make_root(cache: Cache) -> Resource:
+def make_root(
+    cache: Cache | Mirrors,
+    *,
+    auth: ClientAuth | None = None,
+    access: AccessRules | None = None,
+    limits: Limits | None = None,
+) -> Resource:
     root = Resource()
-    root.putChild(b"v2", RegistryAPI(cache))
+    max_url = (limits or Limits()).max_url_length
+    root.putChild(b"v2", RegistryAPI(cache, auth=auth, access=access, max_url_length=max_url))
     return root
 
 
-def make_site(cache: Cache, *, access_log: bool = True, tls: bool = False) -> RegistrySite:
-    root = make_root(cache)
-    site = RegistrySite(root, access_log=access_log, tls=tls)
+def make_site(
+    cache: Cache | Mirrors,
+    *,
+    access_log: bool = True,
+    tls: bool = False,
+    auth: ClientAuth | None = None,
+    access: AccessRules | None = None,
+    limits: Limits | None = None,
+    reactor: Any = None,
+) -> RegistrySite:
+    root = make_root(cache, auth=auth, access=access, limits=limits)
+    site = RegistrySite(root, access_log=access_log, tls=tls, limits=limits, reactor=reactor)
     site.api = root.children[b"v2"]
     return site
