@@ -8,7 +8,8 @@
 * ``make_upstream``: private upstream registries (a test may stop or change them).
 * ``upstream_proxy``: a ``CountingProxy`` in front of the session upstream, fresh per test.
 * ``mirror``: regmirror with a fresh store, pointed at ``upstream_proxy``.
-* ``make_mirror``: more mirrors, with any upstream URL, ``tag_freshness`` or ``extra``.
+* ``make_mirror``: more mirrors, with any upstream URL, ``tag_freshness``, ``extra``
+  or ``env`` (added to its environment).
 * ``fresh_blob``: pushes a new random blob (unique to the test) into the session upstream.
 
 Everything started here is stopped by PID at teardown, also when the test fails. A
@@ -177,6 +178,7 @@ class MakeMirror(Protocol):
         tag_freshness: str | float = "30s",
         extra: dict[str, Any] | None = None,
         start: bool = True,
+        env: dict[str, str] | None = None,
     ) -> Mirror: ...
 
 
@@ -191,12 +193,14 @@ def make_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeMirror
         tag_freshness: str | float = "30s",
         extra: dict[str, Any] | None = None,
         start: bool = True,
+        env: dict[str, str] | None = None,
     ) -> Mirror:
         mirror = Mirror(
             tmp_path_factory.mktemp("mirror"),
             upstream_url,
             tag_freshness=tag_freshness,
             extra=extra,
+            env=env,
         )
         created.append(mirror)
         _LIVE.append(mirror)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from tests.support.rawhttp import connect
+from tests.support.regauth import basic_auth, fetch_token, parse_challenge
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -391,12 +392,28 @@ class PushError(RuntimeError):
 class RegistryPusher:
     """Uploads blobs and manifests to a registry at ``base_url`` with ``http.client``.
 
-    Keeps one connection open and reconnects when the server closes it.
+    Keeps one connection open and reconnects when the server closes it. Answers a
+    ``401`` once per request: ``Basic`` with ``username``/``password``; ``Bearer`` with a
+    token from the challenge's realm (for the challenge's scope, with those credentials
+    if given), kept until the next challenge.
     """
 
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 60.0,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.username = username
+        self.password = password
+        # The Authorization header to send; a 401 challenge replaces it (Basic with
+        # the credentials, or a Bearer token fetched from the challenge's realm).
+        self._authorization: str | None = f"Bearer {token}" if token else None
         self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -417,11 +434,40 @@ class RegistryPusher:
         body: bytes = b"",
         headers: dict[str, str] | None = None,
     ) -> tuple[http.client.HTTPResponse, bytes]:
+        resp, data = self._send(method, target, body, headers)
+        if resp.status == 401 and self._answer_challenge(resp.getheader("WWW-Authenticate")):
+            resp, data = self._send(method, target, body, headers)
+        return resp, data
+
+    def _answer_challenge(self, challenge: str | None) -> bool:
+        """Set the Authorization a ``401`` asks for; ``False`` if there is none to try."""
+        if not challenge:
+            return False
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic" and self.username is not None:
+            self._authorization = basic_auth(self.username, self.password or "")
+            return True
+        if scheme == "bearer" and "realm" in params:
+            doc = fetch_token(params, username=self.username, password=self.password)
+            self._authorization = "Bearer " + (doc.get("token") or doc["access_token"])
+            return True
+        return False
+
+    def _send(
+        self,
+        method: str,
+        target: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        headers = dict(headers or {})
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = connect(self.base_url, self.timeout)
             try:
-                self._conn.request(method, target, body=body, headers=headers or {})
+                self._conn.request(method, target, body=body, headers=headers)
                 resp = self._conn.getresponse()
                 data = resp.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
@@ -492,14 +538,32 @@ class RegistryPusher:
         return image
 
 
-def push_image(base_url: str, image: Image) -> Image:
-    """Push ``image`` (all its tags) to the registry at ``base_url``; returns it."""
-    with RegistryPusher(base_url) as pusher:
+def push_image(
+    base_url: str,
+    image: Image,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+) -> Image:
+    """Push ``image`` (all its tags) to the registry at ``base_url``; returns it.
+
+    With ``username``/``password`` the pusher answers ``401`` challenges: Basic with
+    them, Bearer with a token fetched from the realm with them; ``token`` is sent as a
+    Bearer token from the first request."""
+    with RegistryPusher(base_url, username=username, password=password, token=token) as pusher:
         return pusher.push_image(image)
 
 
-def push_images(base_url: str, images: Iterable[Image]) -> list[Image]:
-    with RegistryPusher(base_url) as pusher:
+def push_images(
+    base_url: str,
+    images: Iterable[Image],
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+) -> list[Image]:
+    with RegistryPusher(base_url, username=username, password=password, token=token) as pusher:
         return [pusher.push_image(image) for image in images]
 
 

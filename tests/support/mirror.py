@@ -14,6 +14,7 @@ includes their tails.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,7 @@ class Mirror:
         tag_freshness: str | float = "30s",
         log_level: str = "debug",
         extra: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
         ready_timeout: float = 20.0,
         repo_root: Path = REPO_ROOT,
         python: str = sys.executable,
@@ -62,6 +64,7 @@ class Mirror:
         self.tag_freshness = tag_freshness
         self.log_level = log_level
         self.extra = dict(extra or {})
+        self.env = dict(env or {})  # added to the test's environment (secrets by env var)
         self.ready_timeout = ready_timeout
         self.repo_root = repo_root
         self.python = python
@@ -136,6 +139,7 @@ class Mirror:
             stdout_path=self.stderr_path,
             stderr_path=self.stderr_path,
             cwd=self.repo_root,
+            env={**os.environ, **self.env} if self.env else None,
             name="regmirror",
         )
         self._process.start()

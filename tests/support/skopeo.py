@@ -37,6 +37,8 @@ def skopeo_copy(
     timeout: float = 120.0,
     debug: bool = False,
     check: bool = True,
+    creds: str | None = None,
+    registries_conf: Path | str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``skopeo copy docker://SRC dir:DEST`` and return the finished process.
 
@@ -44,7 +46,9 @@ def skopeo_copy(
     if missing). ``all_platforms`` copies every image of an index
     (``--multi-arch all``; without it skopeo picks the one matching this machine).
     Raises ``SkopeoError`` with stderr when skopeo fails (unless ``check=False``) or
-    runs longer than ``timeout`` seconds.
+    runs longer than ``timeout`` seconds. ``creds`` (``USER:PASSWORD``) is sent to the
+    source registry (default: no credentials at all); ``registries_conf`` is a
+    ``registries.conf`` skopeo uses instead of the system's (its mirrors apply).
     """
     skopeo = require_tool("skopeo")
     Path(dest_dir).parent.mkdir(parents=True, exist_ok=True)  # dir: needs the parent
@@ -52,10 +56,12 @@ def skopeo_copy(
     argv = [skopeo]
     if debug:
         argv.append("--debug")
+    if registries_conf is not None:
+        argv.append(f"--registries-conf={registries_conf}")
     argv += [
         "copy",
         f"--src-tls-verify={'true' if tls_verify else 'false'}",
-        "--src-no-creds",
+        f"--src-creds={creds}" if creds is not None else "--src-no-creds",
         "--preserve-digests",
         "--retry-times=0",
     ]

@@ -154,6 +154,8 @@ class UpstreamRegistry:
             self.url + "/v2/",
             self.ready_timeout,
             log_path=self.log_path,
+            # With auth configured, an anonymous GET /v2/ is answered with a challenge.
+            expect_status=401 if self.config().get("auth") else 200,
         )
 
     def stop(self, timeout: float = 10.0) -> None:
