@@ -109,6 +109,10 @@ def build_options(config: TLSConfig) -> tuple[CertificateOptions, str]:
         raise TLSError(
             f"{config.key}: the key does not match the certificate in {config.certificate}"
         ) from None
+    if hasattr(context, "clear_mode"):  # pyOpenSSL >= 24.1
+        # One SSL_write then encrypts all it is given into the memory BIO, instead of
+        # one 16 KiB record per call (_BulkTLSTransport relies on neither).
+        context.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
     if hasattr(context, "set_tls13_ciphersuites"):  # pyOpenSSL >= 24.3
         context.set_tls13_ciphersuites(TLS13_SUITES)
     if cas:
@@ -148,6 +152,7 @@ class ServerTLS:
 
 WRITE_PIECE = 256 * 1024
 _RECORD = 2**14
+_MODE_ENABLE_PARTIAL_WRITE = 0x1  # SSL_MODE_ENABLE_PARTIAL_WRITE (not exported)
 TRANSPORT_BUFFER = 1024 * 1024
 _RECORD_OVERHEAD = 64  # header, nonce, tag, padding: generous for TLS 1.2 and 1.3
 
@@ -178,9 +183,9 @@ class _BulkTLSTransport(BufferingTLSTransport):
             return
         size = len(bytes)
         done = 0
-        view = memoryview(bytes) if size > WRITE_PIECE else None
+        view = memoryview(bytes)
         while done < size:
-            piece: Any = bytes if view is None else view[done : done + WRITE_PIECE]
+            piece = view[done : done + WRITE_PIECE] if done or size > WRITE_PIECE else bytes
             try:
                 sent = self._tlsConnection.send(piece)
             except SSL.WantReadError:
