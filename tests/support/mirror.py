@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,8 @@ class Mirror:
         log_level: str = "debug",
         extra: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ready_headers: Mapping[str, str] | None = None,
         ready_timeout: float = 20.0,
         repo_root: Path = REPO_ROOT,
         python: str = sys.executable,
@@ -66,6 +69,10 @@ class Mirror:
         self.extra = dict(extra or {})
         self.env = dict(env or {})  # added to the test's environment (secrets by env var)
         self.ready_timeout = ready_timeout
+        # With http.tls in ``extra``: how readiness is checked (the test CA, and a client
+        # certificate for mutual TLS); with auth: the Authorization header to send.
+        self.ssl_context = ssl_context
+        self.ready_headers = dict(ready_headers or {})
         self.repo_root = repo_root
         self.python = python
         self.root = self.base_dir / "store"
@@ -77,8 +84,13 @@ class Mirror:
     # --- addresses ----------------------------------------------------------------
 
     @property
+    def tls(self) -> bool:
+        """Whether ``extra`` configures ``http.tls`` (then ``url`` is https://)."""
+        return bool(self.extra.get("http", {}).get("tls"))
+
+    @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
     @property
     def host(self) -> str:
@@ -150,6 +162,8 @@ class Mirror:
                 self.ready_timeout,
                 log_path=self.log_path,
                 extra_logs=(self.stderr_path,),
+                headers=self.ready_headers,
+                ssl_context=self.ssl_context,
             )
         except BaseException:
             self._process.stop()

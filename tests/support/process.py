@@ -6,6 +6,7 @@ import ctypes
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -151,8 +152,11 @@ def wait_http_ready(
     log_path: Path,
     extra_logs: Sequence[Path] = (),
     expect_status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Poll ``GET url`` until it answers ``expect_status``.
+    """Poll ``GET url`` (with ``headers``; ``ssl_context`` for https) until it answers
+    ``expect_status``.
 
     Fails at once, with the log tail, if the process exits; fails with the log tail at
     the deadline.
@@ -165,7 +169,9 @@ def wait_http_ready(
         if not process.running:
             return "exited"
         try:
-            status = request(base, "GET", target, timeout=2.0).status
+            status = request(
+                base, "GET", target, headers=headers, timeout=2.0, ssl_context=ssl_context
+            ).status
         except OSError:
             return None
         return "ready" if status == expect_status else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +36,18 @@ class Response:
 
 def split_base_url(base_url: str) -> tuple[str, int]:
     parts = urlsplit(base_url)
-    if parts.scheme != "http" or parts.hostname is None:
-        raise ValueError(f"expected an http:// URL, got {base_url!r}")
-    return parts.hostname, parts.port or 80
+    if parts.scheme not in ("http", "https") or parts.hostname is None:
+        raise ValueError(f"expected an http:// or https:// URL, got {base_url!r}")
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def connect(base_url: str, timeout: float = 30.0) -> http.client.HTTPConnection:
+def connect(
+    base_url: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None
+) -> http.client.HTTPConnection:
+    """A connection to ``base_url``; ``https://`` needs ``ssl_context`` (the test CA)."""
     host, port = split_base_url(base_url)
+    if base_url.startswith("https://"):
+        return http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl_context)
     return http.client.HTTPConnection(host, port, timeout=timeout)
 
 
@@ -53,13 +59,14 @@ def request(
     headers: Mapping[str, str] | None = None,
     body: bytes | None = None,
     timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Response:
     """Send one request on a new connection and read the whole response.
 
     ``target`` (path and query) is sent as is. Raises what ``http.client`` raises if the
     server cuts the connection (``IncompleteRead``, ``RemoteDisconnected``, ...).
     """
-    conn = connect(base_url, timeout)
+    conn = connect(base_url, timeout, ssl_context)
     try:
         conn.putrequest(method, target, skip_accept_encoding=True)
         for name, value in (headers or {}).items():
