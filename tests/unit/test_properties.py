@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 
 from regmirror.cache import Accept
 from regmirror.config import Limits, parse_duration, parse_size
@@ -205,12 +206,25 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+class InlinePool:
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+        try:
+            result = f(*a, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[Path, Harness]]:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         (base / "outside.txt").write_text("do not touch")
         h = Harness(base / "store")
+        # The catalog scans the store in a thread: run that inline here.
+        h.clock.getThreadPool = InlinePool  # type: ignore[method-assign]
+        h.clock.callFromThread = lambda f, *a, **kw: f(*a, **kw)  # type: ignore[attr-defined]
         h.manifest("team/app", "1.0")
         yield base, h
 
