@@ -62,9 +62,13 @@ def curl_get(
     headers: Mapping[str, str] | None = None,
     expect_size: int | None = None,
     max_time: float = 300.0,
+    cacert: str | None = None,
 ) -> CurlResult:
-    """``curl -s -o /dev/null -w ...``: one GET, body discarded."""
+    """``curl -s -o /dev/null -w ...``: one GET, body discarded (``cacert``: the CA that
+    signed an https server's certificate, verified)."""
     argv = ["curl", "-sS", "-o", "/dev/null", "-w", _CURL_FORMAT, "--max-time", f"{max_time:g}"]
+    if cacert is not None:
+        argv += ["--cacert", cacert]
     argv += [*_header_args(headers), url]
     proc = subprocess.run(
         argv, capture_output=True, text=True, timeout=max_time + 10, stdin=subprocess.DEVNULL

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.certs import CA
 from tests.support.images import Blob, Image, RegistryPusher, sha256_digest
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
+from tests.support.process import wait_http_ready
 from tests.support.proxy import CountingProxy
 from tests.support.upstream import UpstreamRegistry
 from tests.support.wait import poll_until
@@ -79,6 +81,43 @@ class Side:
         return f"{self.url}/v2/{name}/blobs/{digest}"
 
 
+class _TLSRegistry(UpstreamRegistry):
+    """distribution with ``http.tls``: its URL is https, readiness checked with the CA."""
+
+    ssl_context: Any = None
+
+    @property
+    def url(self) -> str:
+        return super().url.replace("http://", "https://")
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        wait_http_ready(
+            self._process,
+            self.url + "/v2/",
+            self.ready_timeout,
+            log_path=self.log_path,
+            ssl_context=self.ssl_context,
+        )
+
+
+@dataclass
+class TLSSides:
+    """regmirror and the distribution proxy, each over TLS with a certificate from one
+    test CA, on the same upstream paths as the plain-HTTP sides."""
+
+    ca_path: Path
+    dist: Side
+    rm: Side
+
+    def stop(self) -> None:
+        for side in (self.rm, self.dist):
+            try:
+                side.server.stop()
+            except Exception as e:
+                print(f"bench: could not stop {side.label}: {e!r}", flush=True)
+
+
 @dataclass
 class BenchEnv:
     base_dir: Path
@@ -129,6 +168,49 @@ class BenchEnv:
         self._proxies.append(proxy)
         proxy.start()
         return proxy
+
+    def start_tls(self) -> TLSSides:
+        """Start a TLS regmirror and a TLS distribution proxy, fresh stores each."""
+        import ssl
+
+        assert self.dist is not None and self.rm is not None
+        base = self.base_dir / "tls"
+        ca = CA("bench CA")
+        ca_path = ca.write(base / "ca.crt")
+        cert = ca.issue("bench").write(base, "server")
+        tls = {"certificate": str(cert.cert_path), "key": str(cert.key_path)}
+        context = ssl.create_default_context(cafile=str(ca_path))
+        dist = _TLSRegistry(
+            base / "distribution",
+            extra_config={
+                "proxy": {"remoteurl": self.dist.proxy.url},
+                "http": {"tls": tls},
+                "log": {
+                    "level": "warn",
+                    "accesslog": {"disabled": True},
+                    "fields": {"service": "distribution-proxy-tls"},
+                },
+            },
+        )
+        dist.ssl_context = context
+        dist.start()
+        dist_side = Side("dist", "distribution proxy (TLS)", dist, self.dist.proxy)
+        mirror = Mirror(
+            base / "regmirror",
+            self.rm.proxy.url,
+            tag_freshness=self.tag_freshness,
+            log_level="info",
+            extra=deep_merge(
+                {"regmirror": {"access_log": False}, "http": {"tls": tls}}, self.regmirror_extra
+            ),
+            ssl_context=context,
+        )
+        try:
+            mirror.start()
+        except BaseException:
+            dist.stop()
+            raise
+        return TLSSides(ca_path, dist_side, Side("rm", "regmirror (TLS)", mirror, self.rm.proxy))
 
     def stop(self) -> None:
         servers: list[Any] = [s.server for s in (self.rm, self.dist) if s is not None]
