@@ -76,19 +76,18 @@ class BlobHost(LoopbackHTTPServer):
     def _serve(self, handler: QuietHandler) -> None:
         path = unquote(urlsplit(handler.path).path)
         target = (self.root / path.lstrip("/")).resolve()
-        status = 404
-        try:
-            if target.is_relative_to(self.root) and target.is_file():
-                status = 200
-                data = target.read_bytes()
-                handler.send_body(
-                    200, data, {"Accept-Ranges": "none"}, content_type="application/octet-stream"
-                )
-            else:
-                handler.send_body(404, b"not found\n", content_type="text/plain")
-        finally:
-            record = BlobHostRequest(
-                handler.command, path, handler.request_headers(), status, time.monotonic()
+        found = target.is_relative_to(self.root) and target.is_file()
+        data = target.read_bytes() if found else b"not found\n"
+        status = 200 if found else 404
+        # Recorded before answering: once a client has its answer, the test sees it.
+        record = BlobHostRequest(
+            handler.command, path, handler.request_headers(), status, time.monotonic()
+        )
+        with self._lock:
+            self._requests.append(record)
+        if found:
+            handler.send_body(
+                200, data, {"Accept-Ranges": "none"}, content_type="application/octet-stream"
             )
-            with self._lock:
-                self._requests.append(record)
+        else:
+            handler.send_body(404, data, content_type="text/plain")

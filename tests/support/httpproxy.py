@@ -134,25 +134,25 @@ class ReverseProxy(LoopbackHTTPServer):
         body = handler.rfile.read(length) if length else b""
         with self._lock:
             limit = self._limit
-        status, limited = 0, False
-        try:
-            if limit is not None and (limit[1] is None or handler.command in limit[1]):
-                status, limited = 429, True
-                handler.send_body(
-                    429,
-                    TOO_MANY_REQUESTS_BODY,
-                    {"Retry-After": limit[0], **self.response_headers},
-                )
-                return
-            status = self._forward(handler, headers, body)
-        finally:
-            record = ProxiedRequest(
-                handler.command, handler.path, headers, status, limited, time.monotonic()
+        if limit is not None and (limit[1] is None or handler.command in limit[1]):
+            self._record(handler, headers, 429, True)
+            handler.send_body(
+                429, TOO_MANY_REQUESTS_BODY, {"Retry-After": limit[0], **self.response_headers}
             )
-            with self._lock:
-                self._requests.append(record)
+            return
+        self._forward(handler, headers, body)
 
-    def _forward(self, handler: QuietHandler, headers: dict[str, str], body: bytes) -> int:
+    def _record(
+        self, handler: QuietHandler, headers: dict[str, str], status: int, limited: bool
+    ) -> None:
+        """Recorded before answering: once a client has its answer, the test sees it."""
+        record = ProxiedRequest(
+            handler.command, handler.path, headers, status, limited, time.monotonic()
+        )
+        with self._lock:
+            self._requests.append(record)
+
+    def _forward(self, handler: QuietHandler, headers: dict[str, str], body: bytes) -> None:
         conn = http.client.HTTPConnection(self.target_host, self.target_port, timeout=self.timeout)
         try:
             conn.putrequest(
@@ -167,10 +167,12 @@ class ReverseProxy(LoopbackHTTPServer):
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException):
+            self._record(handler, headers, 0, False)
             handler.send_body(502, b"upstream request failed\n", content_type="text/plain")
-            return 0
+            return
         finally:
             conn.close()
+        self._record(handler, headers, resp.status, False)
         handler.send_response(resp.status)
         for name, value in resp.getheaders():
             if name.lower() not in _HOP_BY_HOP:
@@ -184,4 +186,3 @@ class ReverseProxy(LoopbackHTTPServer):
         handler.end_headers()
         if handler.command != "HEAD" and data:
             handler.wfile.write(data)
-        return resp.status

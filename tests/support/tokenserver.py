@@ -145,6 +145,13 @@ def parse_scope(scope: str) -> dict[str, Any] | None:
     return {"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]}
 
 
+def _scope_key(scope: str) -> tuple[str, str, frozenset[str]] | str:
+    entry = parse_scope(scope)
+    if entry is None:
+        return scope
+    return entry["type"], entry["name"], frozenset(entry["actions"])
+
+
 def decode_jwt_claims(token: str) -> dict[str, Any]:
     """The claims of a JWT, unverified (for assertions on what was issued)."""
     payload = token.split(".")[1]
@@ -269,11 +276,14 @@ class TokenServer(LoopbackHTTPServer):
 
     def count_requests(self, scope: str | None = None, *, granted_only: bool = True) -> int:
         """Token requests (``granted_only``: answered 200) asking for ``scope``
-        (``None``: any), e.g. ``"repository:owner/img:pull"``."""
+        (``None``: any), e.g. ``"repository:owner/img:pull"``. Actions compare as a set:
+        distribution's challenges say ``pull,push`` or ``push,pull`` at random."""
+        wanted = _scope_key(scope) if scope is not None else None
         return sum(
             1
             for r in self.requests
-            if (not granted_only or r.status == 200) and (scope is None or scope in r.scopes)
+            if (not granted_only or r.status == 200)
+            and (wanted is None or wanted in {_scope_key(s) for s in r.scopes})
         )
 
     def reset(self) -> None:
@@ -347,12 +357,16 @@ class TokenServer(LoopbackHTTPServer):
             return True, user
         return False, None
 
-    def _refuse(self, handler: QuietHandler, status: int, code: str, message: str) -> None:
+    @staticmethod
+    def _error(status: int, code: str, message: str) -> tuple[int, bytes, dict[str, str]]:
         body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
         headers = {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="regmirror-test-token-server"'
-        handler.send_body(status, body, headers)
+        return status, body, headers
+
+    def _refuse(self, handler: QuietHandler, status: int, code: str, message: str) -> None:
+        handler.send_body(*self._error(status, code, message))
 
     def _handle(self, handler: QuietHandler) -> None:
         url = urlsplit(handler.path)
@@ -360,21 +374,16 @@ class TokenServer(LoopbackHTTPServer):
         scopes = tuple(s for value in query.get("scope", []) for s in value.split(" ") if s)
         headers = handler.request_headers()
         authorization = headers.get("authorization")
-        status, token, user = 404, None, None
-        try:
-            if url.path != "/token":
-                self._refuse(handler, 404, "NOT_FOUND", f"no such endpoint {url.path}")
-                return
-            service = query.get("service", [None])[0]
-            if service is not None and service != self.service:
-                status = 400
-                self._refuse(handler, 400, "invalid_request", f"unknown service {service!r}")
-                return
-            allowed, user = self._authenticate(authorization)
-            if not allowed:
-                status = 401
-                self._refuse(handler, 401, "UNAUTHORIZED", "authentication required")
-                return
+        service = query.get("service", [None])[0]
+        token, user = None, None
+        allowed, user = self._authenticate(authorization)
+        if url.path != "/token":
+            answer = self._error(404, "NOT_FOUND", f"no such endpoint {url.path}")
+        elif service is not None and service != self.service:
+            answer = self._error(400, "invalid_request", f"unknown service {service!r}")
+        elif not allowed:
+            answer = self._error(401, "UNAUTHORIZED", "authentication required")
+        else:
             access = []
             for scope in scopes:
                 entry = parse_scope(scope)
@@ -384,9 +393,7 @@ class TokenServer(LoopbackHTTPServer):
                     entry["actions"] = [a for a in entry["actions"] if a == "pull"]
                 access.append(entry)
             expires_in = self.expires_in
-            token = self.mint(
-                access, subject=user or "", expires_in=expires_in if expires_in else 60
-            )
+            token = self.mint(access, subject=user or "", expires_in=expires_in or 60)
             doc: dict[str, Any] = {
                 "token": token,
                 "access_token": token,
@@ -394,21 +401,21 @@ class TokenServer(LoopbackHTTPServer):
             }
             if expires_in is not None:
                 doc["expires_in"] = expires_in
-            status = 200
-            handler.send_body(200, json.dumps(doc).encode())
-        finally:
-            record = TokenRequest(
-                method=handler.command,
-                path=url.path,
-                service=query.get("service", [None])[0],
-                scopes=scopes,
-                account=query.get("account", [None])[0],
-                user=user,
-                had_authorization=authorization is not None,
-                status=status,
-                token=token,
-                time=time.monotonic(),
-                headers=headers,
-            )
-            with self._lock:
-                self._requests.append(record)
+            answer = (200, json.dumps(doc).encode(), {})
+        # Recorded before answering: once a client has its answer, the test sees it.
+        record = TokenRequest(
+            method=handler.command,
+            path=url.path,
+            service=service,
+            scopes=scopes,
+            account=query.get("account", [None])[0],
+            user=user if answer[0] == 200 else None,
+            had_authorization=authorization is not None,
+            status=answer[0],
+            token=token,
+            time=time.monotonic(),
+            headers=headers,
+        )
+        with self._lock:
+            self._requests.append(record)
+        handler.send_body(*answer)
