@@ -19,7 +19,7 @@ Who gets what:
   every action asked for.
 * none: ``401`` unless ``anonymous``; anonymous callers get ``pull`` actions only.
 
-Every request is recorded (``requests``: scopes, user, whether an ``Authorization``
+Every GET is recorded (``requests``: scopes, user, whether an ``Authorization``
 header came, the answer), and every token issued (``issued``), so tests can count
 token requests per scope and search logs for the tokens. ``expires_in`` may be changed
 while the server runs.
