@@ -38,7 +38,9 @@ def get_logger(namespace: str | None = None) -> Logger:
 
 
 def set_level(level: str) -> None:
+    # LogLevelFilterPredicate reads defaultLogLevel only when its table is cleared.
     _predicate.defaultLogLevel = LEVELS[level]
+    _predicate.clearLogLevels()
 
 
 def json_observer() -> ILogObserver:

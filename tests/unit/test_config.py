@@ -144,3 +144,28 @@ def test_sizes(text: object, size: int) -> None:
 )
 def test_listen_addresses(addr: str, endpoint: str) -> None:
     assert listen_endpoint(addr) == endpoint
+
+
+def test_log_level_filters_regmirror_events() -> None:
+    from twisted.logger import globalLogPublisher
+
+    from regmirror import logs
+
+    seen: list[str] = []
+
+    def observer(event: dict[str, object]) -> None:
+        if event.get("log_namespace") == "test.levels":
+            seen.append(str(event["log_format"]))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        log = logs.get_logger("test.levels")
+        logs.set_level("debug")
+        log.debug("d1")
+        logs.set_level("warn")
+        log.info("i1")
+        log.warn("w1")
+    finally:
+        logs.set_level("info")
+        globalLogPublisher.removeObserver(observer)
+    assert seen == ["d1", "w1"]
