@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 import attrs
 from treq.response import _Response
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
@@ -51,6 +51,7 @@ MANIFEST_TYPES = (
 )
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
 MAX_TAG_PAGES = 100
+INDEX_TYPES = frozenset(MANIFEST_TYPES[:2])
 
 
 # What the cache needs of a reactor: IReactorTime and IReactorThreads.
@@ -126,7 +127,8 @@ class Shared:
     in flight, its readers and the manifests held in memory are the same whichever
     upstream a client asked through."""
 
-    def __init__(self, manifest_cache_size: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, manifest_cache_size: int = 64 * 1024 * 1024, max_fetches: int = 0) -> None:
+        self.fetch_slots = DeferredSemaphore(max_fetches) if max_fetches > 0 else None
         self.fetches: dict[Digest, BlobFetch] = {}
         self.blob_flight: SingleFlight[BlobFetch] = SingleFlight()
         self.readers: Counter[str] = Counter()
@@ -167,6 +169,8 @@ class Cache:
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
         self._tags: dict[tuple[str, str], TagState] = {}
         self._manifests = shared.manifests
+        # digest -> {(repository, kind)} known to reference it (private upstreams only)
+        self._links: dict[str, set[tuple[str, str]]] = {}
         self.stats = {"blob_fetches": 0, "manifest_fetches": 0, "tag_checks": 0}
 
     @property
@@ -181,6 +185,7 @@ class Cache:
         """The blob from disk, or the fetch in flight that is downloading it (with a
         descriptor of its temporary file), or, for a blob that cannot fit in the quota,
         an upstream response to pass through. Call the ``release`` given when done."""
+        await self._check_reference(self.upstream.repository(name), digest, BLOB)
         cached = self._open_cached(digest)
         if cached is not None:
             return cached
@@ -241,8 +246,59 @@ class Cache:
         except RegistryError:
             return False
 
+    # -- private upstreams: content is served only to repositories that reference it --
+
+    def _linked(self, repository: str, digest: Digest, kind: str) -> bool:
+        key = str(digest)
+        if (repository, kind) in self._links.get(key, ()):
+            return True
+        directory = "_manifests" if kind == MANIFEST else "_layers"
+        path = self.store.repo_dir(self.upstream.name, repository) / directory
+        if (path / digest.algorithm / digest.hex).exists():
+            self._links.setdefault(key, set()).add((repository, kind))
+            return True
+        return False
+
+    def _link(self, repository: str, digest: Digest, kind: str) -> None:
+        if kind == MANIFEST:
+            self.store.link_manifest(self.upstream.name, repository, digest)
+        else:
+            self.store.link_blob(self.upstream.name, repository, digest)
+        self._links.setdefault(str(digest), set()).add((repository, kind))
+
+    def _visible(self, repository: str, digest: Digest, kind: str) -> bool:
+        """Whether cached content may be served for ``repository`` without asking."""
+        return not self.upstream.authenticated or self._linked(repository, digest, kind)
+
+    async def _check_reference(self, repository: str, digest: Digest, kind: str) -> None:
+        """When the upstream is reached with credentials, content cached for one
+        repository is served for another only once that one is known to reference it:
+        a cached manifest of it lists it, or the upstream says so (one HEAD), and then it
+        is linked. Public upstreams skip this."""
+        if self._visible(repository, digest, kind):
+            return
+        if kind == BLOB and self.store.blob_size(digest) is None and digest not in self._fetches:
+            return  # not cached: the fetch asks the upstream for this repository anyway
+        what = "manifests" if kind == MANIFEST else "blobs"
+        headers = {"accept": ALL_MANIFEST_TYPES} if kind == MANIFEST else None
+        response = await self.upstream.request(
+            "HEAD", f"/v2/{repository}/{what}/{digest}", repository, headers
+        )
+        await _discard(response)
+        if response.code != 200:
+            raise self.upstream.error_for(response, kind)
+        self._link(repository, digest, kind)
+
+    def _link_references(self, repository: str, manifest: Manifest) -> None:
+        if not self.upstream.authenticated:
+            return
+        kind = MANIFEST if manifest.media_type in INDEX_TYPES else BLOB
+        for ref in manifest_references(manifest.data):
+            self._link(repository, Digest.parse(ref), kind)
+
     def forget(self, kind: str, key: str) -> None:
         """The reaper removed ``key``: drop what memory holds of it."""
+        self._links.pop(key, None)
         if kind != MANIFEST:
             return
         digest = Digest.parse(key)
@@ -273,6 +329,7 @@ class Cache:
 
     async def blob_size(self, name: str, digest: Digest) -> int:
         """For ``HEAD``: the size of a blob, asking upstream (without fetching) on a miss."""
+        await self._check_reference(self.upstream.repository(name), digest, BLOB)
         size = self.store.blob_size(digest)
         if size is not None:
             return size
@@ -292,6 +349,19 @@ class Cache:
         return int(length)
 
     async def _start_fetch(self, name: str, digest: Digest) -> BlobFetch:
+        slots = self._shared.fetch_slots
+        if slots is None:
+            return await self._start_fetch_now(name, digest, None)
+        await slots.acquire()  # regmirror.max_upstream_fetches: wait for a slot
+        try:
+            return await self._start_fetch_now(name, digest, slots)
+        except BaseException:
+            slots.release()
+            raise
+
+    async def _start_fetch_now(
+        self, name: str, digest: Digest, slots: DeferredSemaphore | None
+    ) -> BlobFetch:
         repository = self.upstream.repository(name)
         response = await self.upstream.request(
             "GET", f"/v2/{repository}/blobs/{digest}", repository, unbuffered=True
@@ -309,7 +379,7 @@ class Cache:
             size,
             fsync=self._fsync,
             writer=self._writer,
-            on_done=lambda f: self._fetch_done(f, repository),
+            on_done=lambda f: self._fetch_done(f, repository, slots),
         )
         self._fetches[digest] = fetch
         self.stats["blob_fetches"] += 1
@@ -322,13 +392,17 @@ class Cache:
         response.deliverBody(_BlobBody(fetch, self._reactor, self._read_timeout))
         return fetch
 
-    def _fetch_done(self, fetch: BlobFetch, repository: str) -> None:
+    def _fetch_done(
+        self, fetch: BlobFetch, repository: str, slots: DeferredSemaphore | None = None
+    ) -> None:
+        if slots is not None:
+            slots.release()
         if self._fetches.get(fetch.digest) is fetch:
             del self._fetches[fetch.digest]
         if self.reaper is not None:
             self.reaper.release(fetch.digest)
         if fetch.state is State.COMMITTED:
-            self.store.link_blob(self.upstream.name, repository, fetch.digest)
+            self._link(repository, fetch.digest, BLOB)
             if self.reaper is not None:
                 self.reaper.added(BLOB, str(fetch.digest), fetch.size or 0)
             log.info("blob {digest} cached", digest=str(fetch.digest))
@@ -373,6 +447,9 @@ class Cache:
         self, repository: str, digest: Digest, accept: Accept
     ) -> Manifest:
         manifest = self.cached_manifest(digest)
+        if manifest is not None and not self._visible(repository, digest, MANIFEST):
+            await self._check_reference(repository, digest, MANIFEST)
+            self._link_references(repository, manifest)
         if manifest is None:
             manifest = await self._manifest_flight.run(
                 ("digest", repository, digest),
@@ -402,12 +479,14 @@ class Cache:
     def fresh_manifest(self, name: str, reference: str | Digest, accept: Accept) -> Manifest | None:
         """The manifest from memory or disk, if it can be served without asking upstream:
         by digest, or by a tag checked within its freshness window."""
+        repository = self.upstream.repository(name)
         if isinstance(reference, Digest):
+            if not self._visible(repository, reference, MANIFEST):
+                return None
             manifest = self.cached_manifest(reference)
             return (
                 manifest if manifest is not None and accept.accepts(manifest.media_type) else None
             )
-        repository = self.upstream.repository(name)
         state = self._tag_state(repository, reference)
         picked = self._pick(state, accept)
         if picked is None:
@@ -469,6 +548,8 @@ class Cache:
                 except RegistryError:
                     other = None
                 if other is not None and accept.accepts(other.media_type):
+                    self._link(repository, other.digest, MANIFEST)
+                    self._link_references(repository, other)
                     self._record_tag(repository, tag, other, now)
                     return other
         try:
@@ -555,7 +636,8 @@ class Cache:
             )
         manifest = Manifest(digest, data, media_type)
         self.store.write_manifest(digest, data, media_type)
-        self.store.link_manifest(self.upstream.name, repository, digest)
+        self._link(repository, digest, MANIFEST)
+        self._link_references(repository, manifest)
         self._remember(manifest)
         if self.reaper is not None:
             self.reaper.added(MANIFEST, str(digest), len(data), manifest_references(data))

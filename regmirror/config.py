@@ -239,6 +239,7 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.upstream_name": (_str, ""),
     "regmirror.upstreams": (lambda v: _upstream_list(v), ()),
     "regmirror.upstream_failures": (_int, 5),
+    "regmirror.max_upstream_fetches": (_int, 64),
     "regmirror.upstream_cooldown": (parse_duration, 30.0),
     "regmirror.reaper_interval": (parse_duration, 60.0),
     "regmirror.max_size": (parse_size, 0),
@@ -341,6 +342,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
+    max_upstream_fetches: int = 64
     reaper_interval: float = 60.0
     max_size: int = 0
     high_watermark: float = 0.95
@@ -461,6 +463,7 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         read_timeout=values["regmirror.upstream_read_timeout"],
         upstreams=upstreams,
         breaker_failures=values["regmirror.upstream_failures"],
+        max_upstream_fetches=values["regmirror.max_upstream_fetches"],
         breaker_cooldown=values["regmirror.upstream_cooldown"],
         reaper_interval=values["regmirror.reaper_interval"],
         max_size=values["regmirror.max_size"],

@@ -79,7 +79,7 @@ def build(
         low=config.low_watermark,
         run_in_thread=run_in_thread,
     )
-    shared = Shared(config.manifest_cache_size)
+    shared = Shared(config.manifest_cache_size, config.max_upstream_fetches)
     trust_root = _trust_root(config.upstream_ca)
     caches = []
     for upstream_config in config.upstreams or (config.upstream,):

@@ -35,6 +35,8 @@ class FakeRegistry(Resource):
         self.down = False
         self.held: list[tuple[Request, bytes]] = []
         self.served_blobs: dict[str, bytes] = {}  # what to send instead of the real bytes
+        # repository -> the only digests it may serve (blobs and manifests), if listed
+        self.private: dict[str, set[str]] = {}
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -74,6 +76,10 @@ class FakeRegistry(Resource):
         parts = path.split("/")
         if path == "/v2/":
             return b"{}"
+        name = "/".join(parts[2:-2])
+        if name in self.private and parts[-1] not in self.private[name]:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"not in this repository"}]}'
         if len(parts) >= 5 and parts[-2] == "blobs":
             return self._blob(request, parts[-1])
         if len(parts) >= 5 and parts[-2] == "manifests":

@@ -207,6 +207,11 @@ class Upstream:
         )
 
     @property
+    def authenticated(self) -> bool:
+        """Reached with credentials: its content may be private to some repositories."""
+        return self._has_credentials
+
+    @property
     def _has_credentials(self) -> bool:
         return self._credentials is not None and self._credentials.configured
 

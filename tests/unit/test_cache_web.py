@@ -15,8 +15,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from regmirror.cache import Cache
+from regmirror.cache import Cache, Shared
 from regmirror.config import UpstreamConfig
+from regmirror.credentials import Credentials
 from regmirror.digest import Digest
 from regmirror.reaper import Reaper
 from regmirror.store import Store
@@ -41,12 +42,18 @@ class Harness:
         freshness: float = 30.0,
         hub: bool = False,
         max_size: int = 0,
+        password: str = "",
+        max_fetches: int = 0,
     ) -> None:
         self.clock = Reactor()
         self.upstream = FakeRegistry()
         self.upstream_client = StubTreq(self.upstream)
         config = UpstreamConfig(
-            name="up", url="http://upstream.test", username="", password="", docker_hub=hub
+            name="up",
+            url="http://upstream.test",
+            username="mirror" if password else "",
+            password=password,
+            docker_hub=hub,
         )
         self.store = Store(tmp_path)
         self.store.prepare()
@@ -62,10 +69,18 @@ class Harness:
         self.cache = Cache(
             self.clock,
             self.store,
-            Upstream(self.clock, config, client=self.upstream_client),  # type: ignore[arg-type]
+            Upstream(
+                self.clock,
+                config,
+                client=self.upstream_client,  # type: ignore[arg-type]
+                credentials=Credentials(
+                    config, clock=self.clock.seconds, run_in_thread=maybeDeferred
+                ),
+            ),
             tag_freshness=freshness,
             fsync=False,
             reaper=self.reaper,
+            shared=Shared(max_fetches=max_fetches),
         )
         self.reaper.in_use = self.cache.in_use
         self.reaper.forget = self.cache.forget
@@ -422,3 +437,57 @@ def test_disk_full_cuts_the_transfer_runs_an_eviction_and_keeps_serving(
     h.upstream.hold_blobs = False
     response, got = h.request("GET", f"/v2/a/blobs/{cached}")
     assert response.code == 200 and got == b"c" * 1000
+
+
+def test_private_upstream_content_is_not_served_across_repositories(tmp_path: Path) -> None:
+    h = Harness(tmp_path, password="secret")
+    data = b"private layer" * 1000
+    digest = h.upstream.add_blob(data)
+    manifest = h.manifest("team/a", "1")
+    h.upstream.private["team/b"] = set()  # team/b references nothing
+    h.upstream.private["team/c"] = {digest, manifest}
+    h.upstream.manifests[("team/c", manifest)] = h.upstream.manifests[("team/a", manifest)]
+    assert h.request("GET", f"/v2/team/a/blobs/{digest}")[1] == data
+    assert h.request("GET", "/v2/team/a/manifests/1")[0].code == 200
+    heads = h.upstream.count("HEAD", "/")
+    # Cached, but team/b never referenced it: the upstream is asked, and says no.
+    response, body = h.request("GET", f"/v2/team/b/blobs/{digest}")
+    assert (response.code, error_code(body)) == (404, "BLOB_UNKNOWN")
+    response, body = h.request("GET", f"/v2/team/b/manifests/{manifest}")
+    assert (response.code, error_code(body)) == (404, "MANIFEST_UNKNOWN")
+    assert h.request("HEAD", f"/v2/team/b/blobs/{digest}")[0].code == 404
+    # team/c does reference it: one HEAD, then it is linked and served from the cache.
+    assert h.request("GET", f"/v2/team/c/blobs/{digest}")[1] == data
+    assert h.request("GET", f"/v2/team/c/blobs/{digest}")[1] == data
+    assert h.request("GET", f"/v2/team/c/manifests/{manifest}")[0].code == 200
+    assert h.upstream.count("GET", "/blobs/") == 1  # never fetched twice
+    assert h.upstream.count("HEAD", "/") == heads + 3 + 2  # b: 3 refused; c: blob, manifest
+
+
+def test_public_upstream_content_is_shared_without_asking(h: Harness) -> None:
+    data = b"public layer" * 100
+    digest = h.upstream.add_blob(data)
+    h.request("GET", f"/v2/x/blobs/{digest}")
+    h.upstream.private["y"] = set()
+    assert h.request("GET", f"/v2/y/blobs/{digest}")[1] == data
+    assert h.upstream.count("HEAD", "/") == 0
+
+
+def test_concurrent_upstream_fetches_are_limited(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_fetches=1)
+    one, two = h.upstream.add_blob(b"1" * 70000), h.upstream.add_blob(b"2" * 70000)
+    h.upstream.hold_blobs = True
+    d1 = h.client.get(f"http://mirror.test/v2/a/blobs/{one}")
+    d2 = h.client.get(f"http://mirror.test/v2/a/blobs/{two}")
+    h.pump()
+    assert h.upstream.count("GET", "/blobs/") == 1  # the second waits for a slot
+    h.upstream.release()
+    h.pump()
+    assert h.upstream.count("GET", "/blobs/") == 2
+    h.upstream.release()
+    h.pump()
+    t = SynchronousTestCase()
+    for d, want in ((d1, b"1" * 70000), (d2, b"2" * 70000)):
+        body = treq.content(t.successResultOf(d))
+        h.pump()
+        assert t.successResultOf(body) == want
