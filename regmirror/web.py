@@ -755,6 +755,28 @@ class RegistrySite(Site):
         )
 
 
+class _NotFound(Resource):
+    """Anything outside ``/v2/``: a 404 in the spec's error format."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        error = Unsupported("unknown endpoint: this is a registry mirror (see /v2/)", status=404)
+        request.setResponseCode(error.status)
+        body = error.body()
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return _NotFound().render(request)
+
+
 def make_root(
     cache: Cache | Mirrors,
     *,
@@ -762,7 +784,7 @@ def make_root(
     access: AccessRules | None = None,
     limits: Limits | None = None,
 ) -> Resource:
-    root = Resource()
+    root = _Root()
     max_url = (limits or Limits()).max_url_length
     root.putChild(b"v2", RegistryAPI(cache, auth=auth, access=access, max_url_length=max_url))
     return root
