@@ -309,14 +309,18 @@ class Cache:
             if key in state.variants.values():
                 del self._tags[tag_key]
 
-    async def _pass_through(self, name: str, digest: Digest) -> PassThrough:
-        repository = self.upstream.repository(name)
+    async def _get_blob(self, repository: str, digest: Digest) -> _Response:
+        """The upstream's answer to a blob GET, its body not read yet (errors raised)."""
         response = await self.upstream.request(
             "GET", f"/v2/{repository}/blobs/{digest}", repository, unbuffered=True
         )
         if response.code != 200:
             await _discard(response)
             raise self.upstream.error_for(response, "blob")
+        return response
+
+    async def _pass_through(self, name: str, digest: Digest) -> PassThrough:
+        response = await self._get_blob(self.upstream.repository(name), digest)
         if response.length is UNKNOWN_LENGTH:
             await _discard(response)
             raise Unavailable("the upstream sent no blob size", {"digest": str(digest)})
@@ -363,12 +367,7 @@ class Cache:
         self, name: str, digest: Digest, slots: DeferredSemaphore | None
     ) -> BlobFetch:
         repository = self.upstream.repository(name)
-        response = await self.upstream.request(
-            "GET", f"/v2/{repository}/blobs/{digest}", repository, unbuffered=True
-        )
-        if response.code != 200:
-            await _discard(response)
-            raise self.upstream.error_for(response, "blob")
+        response = await self._get_blob(repository, digest)
         size = None if response.length is UNKNOWN_LENGTH else int(response.length)
         if self.reaper is not None and not self.reaper.reserve(digest, size or 0):
             await _discard(response)
