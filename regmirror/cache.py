@@ -836,14 +836,16 @@ async def _discard(response: _Response) -> None:
         pass
 
 
-UPSTREAM_READ_SIZE = 256 * 1024
+UPSTREAM_READ_SIZE = 1024 * 1024
+PIECE = 128 * 1024
 
 
 def _read_more_at_once(transport: object) -> None:
     """Let the TCP connection under an upstream blob response read 1 MiB per call
     instead of Twisted's 64 KiB. With many clients reading the fetch, the reactor sends
     up to 128 KiB per client per loop; reading 64 KiB per loop from the upstream would
-    starve the download (one upstream read for 32 client writes)."""
+    starve the download (one upstream read for 32 client writes). The body is handed
+    on in pieces of 128 KiB (see ``_BlobBody.dataReceived``)."""
     for _ in range(4):  # TransportProxyProducer -> (TLS ->) tcp.Client
         if isinstance(transport, tcp.Connection):
             transport.bufferSize = max(transport.bufferSize, UPSTREAM_READ_SIZE)
@@ -883,7 +885,15 @@ class _BlobBody(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._last = self._reactor.seconds()
-        self._fetch.write(data)
+        if len(data) <= PIECE:
+            self._fetch.write(data)
+        else:
+            # One copy into pieces that every reader shares: a reader's transport then
+            # holds at most one piece (it is paused after it), which bounds memory with
+            # many readers whatever the read size.
+            view = memoryview(data)
+            for start in range(0, len(data), PIECE):
+                self._fetch.write(bytes(view[start : start + PIECE]))
         if self._fetch.state is State.FAILED and self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
