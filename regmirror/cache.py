@@ -32,7 +32,7 @@ from regmirror.errors import (
     RegistryError,
     Unavailable,
 )
-from regmirror.fetch import BlobFetch, InlineWriter, State, WriterFactory
+from regmirror.fetch import BlobFetch, DigestMismatch, InlineWriter, State, WriterFactory
 from regmirror.logs import get_logger
 from regmirror.reaper import BLOB, MANIFEST, Reaper, manifest_references
 from regmirror.singleflight import SingleFlight
@@ -135,6 +135,7 @@ class Shared:
         self.manifests: OrderedDict[Digest, Manifest] = OrderedDict()
         self.manifest_bytes = 0
         self.manifest_budget = manifest_cache_size
+        self.failures: Counter[str] = Counter()  # failed blob downloads, by reason
 
 
 class Cache:
@@ -171,7 +172,11 @@ class Cache:
         self._manifests = shared.manifests
         # digest -> {(repository, kind)} known to reference it (private upstreams only)
         self._links: dict[str, set[tuple[str, str]]] = {}
-        self.stats = {"blob_fetches": 0, "manifest_fetches": 0, "tag_checks": 0}
+        self.stats: Counter[str] = Counter()  # read by regmirror.metrics
+
+    @property
+    def shared(self) -> Shared:
+        return self._shared
 
     @property
     def upstream_name(self) -> str:
@@ -188,8 +193,11 @@ class Cache:
         await self._check_reference(self.upstream.repository(name), digest, BLOB)
         cached = self._open_cached(digest)
         if cached is not None:
+            self.stats["blob_hits"] += 1
             return cached
         fetch = self._fetches.get(digest)
+        if fetch is not None or digest in self._blob_flight:
+            self.stats["blob_joins"] += 1
         if fetch is None:
             try:
                 fetch = await self._blob_flight.run(digest, lambda: self._start_fetch(name, digest))
@@ -405,8 +413,15 @@ class Cache:
             if self.reaper is not None:
                 self.reaper.added(BLOB, str(fetch.digest), fetch.size or 0)
             log.info("blob {digest} cached", digest=str(fetch.digest))
-        elif fetch.error is not None and is_disk_full(fetch.error) and self.reaper is not None:
-            self.reaper.evict()
+        else:
+            if isinstance(fetch.error, DigestMismatch):
+                self._shared.failures["digest"] += 1
+            elif fetch.error is not None and is_disk_full(fetch.error):
+                self._shared.failures["disk"] += 1
+                if self.reaper is not None:
+                    self.reaper.evict()
+            else:
+                self._shared.failures["upstream"] += 1
 
     # -- manifests -------------------------------------------------------------------
 
@@ -476,6 +491,14 @@ class Cache:
         return None
 
     def fresh_manifest(self, name: str, reference: str | Digest, accept: Accept) -> Manifest | None:
+        manifest = self._fresh_manifest(name, reference, accept)
+        if manifest is not None:
+            self.stats["manifest_hits"] += 1
+        return manifest
+
+    def _fresh_manifest(
+        self, name: str, reference: str | Digest, accept: Accept
+    ) -> Manifest | None:
         """The manifest from memory or disk, if it can be served without asking upstream:
         by digest, or by a tag checked within its freshness window."""
         repository = self.upstream.repository(name)
@@ -572,6 +595,7 @@ class Cache:
         tag: str,
         reason: str,
     ) -> Manifest:
+        self.stats["stale"] += 1
         log.warn(
             "serving {repository}:{tag} stale from the cache: {reason}",
             repository=repository,

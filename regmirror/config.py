@@ -193,6 +193,13 @@ def _upstream_list(value: object) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def _metrics_path(value: object) -> str:
+    text = _str(value)
+    if (text and not re.fullmatch(r"/[A-Za-z0-9_.-]+", text)) or text == "/v2":
+        raise ValueError(f"expected one path segment like /metrics (or empty), got {value!r}")
+    return text
+
+
 def _url(value: object) -> str:
     text = _str(value).rstrip("/")
     parts = urlsplit(text)
@@ -241,6 +248,7 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.upstream_failures": (_int, 5),
     "regmirror.max_upstream_fetches": (_int, 64),
     "regmirror.upstream_cooldown": (parse_duration, 30.0),
+    "regmirror.metrics_path": (lambda v: _metrics_path(v), "/metrics"),
     "regmirror.reaper_interval": (parse_duration, 60.0),
     "regmirror.max_size": (parse_size, 0),
     "regmirror.high_watermark": (_fraction, 0.95),
@@ -343,6 +351,7 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
     max_upstream_fetches: int = 64
+    metrics_path: str = "/metrics"
     reaper_interval: float = 60.0
     max_size: int = 0
     high_watermark: float = 0.95
@@ -464,6 +473,7 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         upstreams=upstreams,
         breaker_failures=values["regmirror.upstream_failures"],
         max_upstream_fetches=values["regmirror.max_upstream_fetches"],
+        metrics_path=values["regmirror.metrics_path"],
         breaker_cooldown=values["regmirror.upstream_cooldown"],
         reaper_interval=values["regmirror.reaper_interval"],
         max_size=values["regmirror.max_size"],

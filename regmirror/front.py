@@ -28,7 +28,7 @@ from regmirror.auth import (
 from regmirror.cache import Cache, Mirrors
 from regmirror.config import Config, ConfigError
 from regmirror.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory
-from regmirror.web import make_site
+from regmirror.web import RegistrySite, make_site
 
 AUTH_THREADS = 2
 
@@ -75,7 +75,7 @@ def add_listener(
     cache: Cache | Mirrors,
     reactor: Any,
     tls: ServerTLS | None = None,
-) -> None:
+) -> RegistrySite:
     """Add the HTTP(S) listener, and what it needs, to ``top``."""
     auth = None
     reloaders: list[Callable[[], object]] = []
@@ -112,3 +112,4 @@ def add_listener(
         reloaders.insert(0, tls.reload)
     if reloaders:
         ReloadOnHangup(reactor, reloaders).setServiceParent(top)
+    return site

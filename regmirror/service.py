@@ -16,6 +16,7 @@ from regmirror.config import Config, ConfigError, load_config
 from regmirror.credentials import Credentials
 from regmirror.fetch import threaded_writers
 from regmirror.front import add_listener, check_files
+from regmirror.metrics import metrics_resource
 from regmirror.reaper import Reaper
 from regmirror.store import Store
 from regmirror.tls import ServerTLS
@@ -117,7 +118,10 @@ def build(
     reaper.forget = mirrors.forget
     top = service.MultiService()
     reaper.setServiceParent(top)
-    add_listener(top, config, mirrors, reactor, tls)
+    site = add_listener(top, config, mirrors, reactor, tls)
+    if config.metrics_path:
+        resource = metrics_resource(mirrors, reaper, site.responses)
+        site.resource.putChild(config.metrics_path[1:].encode(), resource)
     return top, cache
 
 

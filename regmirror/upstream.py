@@ -156,6 +156,10 @@ class Upstream:
             )
         return response
 
+    @property
+    def breaker_open(self) -> bool:
+        return bool(self._reactor.seconds() < self._open_until)
+
     def _failed(self) -> None:
         self._failures += 1
         if self._failures >= self._breaker_failures > 0:

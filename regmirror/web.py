@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -730,6 +731,7 @@ class RegistrySite(Site):
         self.limits = limits
         self.stall_timeout = limits.idle_timeout
         self._access_log = access_log
+        self.responses: Counter[int] = Counter()  # status -> count, for metrics
         self.noisy = False
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -740,6 +742,7 @@ class RegistrySite(Site):
         return channel
 
     def log(self, request: Request) -> None:  # type: ignore[override]
+        self.responses[request.code] += 1
         if not self._access_log:
             return
         log.info(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tests.integration.conftest import MakeMirror, MakeUpstream
 from tests.support.images import standard_images
+from tests.support.rawhttp import connect
 from tests.support.skopeo import skopeo_copy, verify_dir
 from tests.support.wait import poll_until
 
@@ -51,3 +53,15 @@ def test_skopeo_pulls_each_image_through_mirror_and_blobs_verify(
     skopeo_copy(images["index"].ref(mirror.host), dest)
     assert verify_dir(dest, images["index"]).manifest.platform is not None
     assert not upstream.running
+    # The metrics endpoint tells the same story: every blob fetched once, then hits.
+    conn = connect(mirror.url)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    assert response.status == 200
+    name = upstream.url.split("://", 1)[1]
+    fetched = re.search(rf'regmirror_upstream_blob_fetches_total{{upstream="{name}"}} (\S+)', text)
+    hits = re.search(rf'regmirror_blob_hits_total{{upstream="{name}"}} (\S+)', text)
+    assert fetched and float(fetched.group(1)) == len(all_blobs), text
+    assert hits and float(hits.group(1)) >= len(all_blobs), text
+    assert 'regmirror_fetch_failures_total{reason="digest"}' not in text

@@ -491,3 +491,39 @@ def test_concurrent_upstream_fetches_are_limited(tmp_path: Path) -> None:
         body = treq.content(t.successResultOf(d))
         h.pump()
         assert t.successResultOf(body) == want
+
+
+def test_metrics_count_hits_fetches_failures_and_the_store(h: Harness) -> None:
+    from collections import Counter
+
+    from regmirror.cache import Mirrors
+    from regmirror.metrics import metrics_resource
+
+    responses: Counter[int] = Counter({200: 3, 404: 1})
+    h.root.putChild(b"metrics", metrics_resource(Mirrors([h.cache]), h.reaper, responses))
+    data = b"m" * 3000
+    digest = h.upstream.add_blob(data)
+    h.request("GET", f"/v2/a/blobs/{digest}")
+    h.request("GET", f"/v2/a/blobs/{digest}")
+    bad = h.upstream.add_blob(b"z" * 3000)
+    h.upstream.served_blobs[bad] = b"y" * 3000
+    h.request("GET", f"/v2/a/blobs/{bad}")
+    h.manifest("a", "1")
+    h.request("GET", "/v2/a/manifests/1")
+    h.request("GET", "/v2/a/manifests/1")
+    response, body = h.request("GET", "/metrics")
+    assert response.code == 200
+    text = body.decode()
+    for line in [
+        'regmirror_http_responses_total{code="200"} 3.0',
+        'regmirror_upstream_blob_fetches_total{upstream="up"} 2.0',
+        'regmirror_blob_hits_total{upstream="up"} 1.0',
+        'regmirror_manifest_hits_total{upstream="up"} 1.0',
+        'regmirror_upstream_manifest_fetches_total{upstream="up"} 1.0',
+        'regmirror_fetch_failures_total{reason="digest"} 1.0',
+        'regmirror_upstream_breaker_open{upstream="up"} 0.0',
+        "regmirror_fetches_in_flight 0.0",
+    ]:
+        assert line in text, line
+    assert f"regmirror_store_bytes {float(h.reaper.usage)}" in text
+    assert h.reaper.usage >= 3000

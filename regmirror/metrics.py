@@ -1,0 +1,146 @@
+"""Prometheus metrics, served at ``regmirror.metrics_path`` (default ``/metrics``).
+
+Everything is read at scrape time from counters the mirror keeps anyway (plain integer
+increments on the request path), by a custom collector on a private registry: nothing
+here costs a request more than an addition.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from regmirror.cache import Mirrors
+from regmirror.reaper import Reaper
+
+
+class MirrorCollector(Collector):
+    def __init__(self, mirrors: Mirrors, reaper: Reaper | None, responses: Counter[int]) -> None:
+        self._mirrors = mirrors
+        self._reaper = reaper
+        self._responses = responses
+
+    def collect(self) -> Iterator[Any]:
+        responses = CounterMetricFamily(
+            "regmirror_http_responses", "HTTP responses sent, by status code", labels=["code"]
+        )
+        for code, count in sorted(self._responses.items()):
+            responses.add_metric([str(code)], count)
+        yield responses
+
+        per_upstream = {
+            "blob_hits": ("regmirror_blob_hits", "Blob requests answered from the store"),
+            "blob_fetches": ("regmirror_upstream_blob_fetches", "Blob downloads from upstream"),
+            "blob_joins": (
+                "regmirror_blob_joins",
+                "Blob requests that joined a download already in flight",
+            ),
+            "manifest_hits": (
+                "regmirror_manifest_hits",
+                "Manifest requests answered from memory or disk without asking upstream",
+            ),
+            "manifest_fetches": ("regmirror_upstream_manifest_fetches", "Manifest GETs upstream"),
+            "tag_checks": ("regmirror_tag_revalidations", "Tag revalidations (HEAD) upstream"),
+            "stale": ("regmirror_stale_tags_served", "Tags served stale: upstream unavailable"),
+        }
+        families = {
+            key: CounterMetricFamily(name, text, labels=["upstream"])
+            for key, (name, text) in per_upstream.items()
+        }
+        ratelimit = GaugeMetricFamily(
+            "regmirror_upstream_ratelimit_remaining",
+            "The upstream's last ratelimit-remaining header (Docker Hub), when it sent one",
+            labels=["upstream"],
+        )
+        breaker = GaugeMetricFamily(
+            "regmirror_upstream_breaker_open",
+            "1 while the upstream's circuit breaker is open",
+            labels=["upstream"],
+        )
+        for cache in self._mirrors.caches:
+            name = cache.upstream.name
+            for key, family in families.items():
+                family.add_metric([name], cache.stats.get(key, 0))
+            remaining = cache.upstream.ratelimit_remaining
+            if remaining is not None:
+                try:
+                    ratelimit.add_metric([name], float(remaining.split(";")[0]))
+                except ValueError:
+                    pass
+            breaker.add_metric([name], 1.0 if cache.upstream.breaker_open else 0.0)
+        yield from families.values()
+        yield ratelimit
+        yield breaker
+
+        shared = self._mirrors.default.shared
+        failures = CounterMetricFamily(
+            "regmirror_fetch_failures",
+            "Blob downloads that failed, by reason (digest: wrong bytes, discarded)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(shared.failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        yield GaugeMetricFamily(
+            "regmirror_fetches_in_flight", "Blob downloads in flight", value=len(shared.fetches)
+        )
+        yield GaugeMetricFamily(
+            "regmirror_blob_readers",
+            "Clients reading blobs now",
+            value=sum(shared.readers.values()),
+        )
+
+        reaper = self._reaper
+        if reaper is not None:
+            yield GaugeMetricFamily(
+                "regmirror_store_bytes",
+                "Bytes of verified content in the store",
+                value=reaper.usage,
+            )
+            yield GaugeMetricFamily(
+                "regmirror_store_entries",
+                "Blobs and manifests in the store",
+                value=len(reaper.entries),
+            )
+            yield GaugeMetricFamily(
+                "regmirror_store_max_bytes", "The quota (0: none)", value=reaper.max_size
+            )
+            removed = CounterMetricFamily(
+                "regmirror_reaper_removed", "Entries removed by the reaper", labels=["why"]
+            )
+            for why in ("expired", "evicted"):
+                removed.add_metric([why], reaper.stats[why])
+            yield removed
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        body = generate_latest(self._registry)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return body
+
+    render_HEAD = render_GET
+
+
+def metrics_resource(
+    mirrors: Mirrors, reaper: Reaper | None, responses: Counter[int]
+) -> MetricsResource:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MirrorCollector(mirrors, reaper, responses))
+    return MetricsResource(registry)
