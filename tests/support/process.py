@@ -32,7 +32,12 @@ def require_tool(name: str) -> str:
     return path
 
 
-_DEBIAN_PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo"}
+_DEBIAN_PACKAGES = {
+    "docker-registry": "docker-registry",
+    "skopeo": "skopeo",
+    "containerd": "containerd",
+    "ctr": "containerd",
+}
 
 _PR_SET_PDEATHSIG = 1
 
