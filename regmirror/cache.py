@@ -178,10 +178,6 @@ class Cache:
     def shared(self) -> Shared:
         return self._shared
 
-    @property
-    def upstream_name(self) -> str:
-        return self.upstream.name
-
     # -- blobs -----------------------------------------------------------------------
 
     async def blob(
@@ -724,10 +720,6 @@ class Cache:
             self._reactor, self._reactor.getThreadPool(), self.store.catalog, self.upstream.name
         )
         return names
-
-    async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
-        page, link = paginate(await self.repositories(), n, last, "/v2/_catalog")
-        return json.dumps({"repositories": page}).encode(), link
 
 
 class Mirrors:

@@ -332,7 +332,7 @@ class Config:
     source: str
     listen: str
     root: Path
-    upstream: UpstreamConfig
+    upstreams: tuple[UpstreamConfig, ...]  # the default first
     ttl: float
     tag_freshness: float
     log_level: str
@@ -347,7 +347,6 @@ class Config:
     upstream_ca: str
     connect_timeout: float
     read_timeout: float
-    upstreams: tuple[UpstreamConfig, ...] = ()
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
     max_upstream_fetches: int = 64
@@ -357,6 +356,11 @@ class Config:
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     ignored: tuple[str, ...] = ()
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """The default upstream."""
+        return self.upstreams[0]
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -432,7 +436,6 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
     docker_hub = (urlsplit(url).hostname or "") in DOCKER_HUB_HOSTS
     name = values["regmirror.upstream_name"] or ("docker.io" if docker_hub else host)
     upstreams = _build_upstreams(values, source, name, url, docker_hub)
-    upstream = upstreams[0]
     warnings = []
     if ignored:
         warnings.append(
@@ -447,7 +450,7 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         source=source,
         listen=listen,
         root=Path(values["storage.filesystem.rootdirectory"]),
-        upstream=upstream,
+        upstreams=upstreams,
         ttl=values["proxy.ttl"],
         tag_freshness=values["regmirror.tag_freshness"],
         log_level=values["log.level"],
@@ -470,7 +473,6 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         upstream_ca=values["regmirror.upstream_ca"],
         connect_timeout=values["regmirror.upstream_connect_timeout"],
         read_timeout=values["regmirror.upstream_read_timeout"],
-        upstreams=upstreams,
         breaker_failures=values["regmirror.upstream_failures"],
         max_upstream_fetches=values["regmirror.max_upstream_fetches"],
         metrics_path=values["regmirror.metrics_path"],

@@ -83,7 +83,7 @@ def build(
     shared = Shared(config.manifest_cache_size, config.max_upstream_fetches)
     trust_root = _trust_root(config.upstream_ca)
     caches = []
-    for upstream_config in config.upstreams or (config.upstream,):
+    for upstream_config in config.upstreams:
         upstream = Upstream(
             reactor,
             upstream_config,
@@ -136,7 +136,7 @@ def makeService(options: Options) -> service.MultiService:
         "regmirror mirroring {upstreams} into {root}, listening on {listen}",
         upstreams=", ".join(
             f"{u.name} ({u.url}){' [default]' if i == 0 else ''}"
-            for i, u in enumerate(config.upstreams or (config.upstream,))
+            for i, u in enumerate(config.upstreams)
         ),
         root=str(config.root.absolute()),
         listen=config.listen,

@@ -36,6 +36,7 @@ from regmirror.errors import (
     Unavailable,
 )
 from regmirror.logs import get_logger
+from regmirror.names import normalize_docker_hub
 
 log = get_logger()
 
@@ -111,9 +112,7 @@ class Upstream:
 
     def repository(self, name: str) -> str:
         """The name to use upstream (official Docker Hub images live in ``library/``)."""
-        if self.config.docker_hub and "/" not in name:
-            return f"library/{name}"
-        return name
+        return normalize_docker_hub(name) if self.config.docker_hub else name
 
     # -- requests --------------------------------------------------------------------
 
@@ -205,7 +204,7 @@ class Upstream:
             self._challenge = (scheme, params)
         raise Unauthorized(
             "the upstream registry refused the mirror's credentials"
-            if self._has_credentials
+            if self.authenticated
             else "the upstream registry requires authentication",
             {"upstream": self.name},
         )
@@ -213,10 +212,6 @@ class Upstream:
     @property
     def authenticated(self) -> bool:
         """Reached with credentials: its content may be private to some repositories."""
-        return self._has_credentials
-
-    @property
-    def _has_credentials(self) -> bool:
         return self._credentials is not None and self._credentials.configured
 
     async def _credential(self) -> Credential | None:
