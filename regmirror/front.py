@@ -27,7 +27,7 @@ from regmirror.auth import (
 )
 from regmirror.cache import Cache, Mirrors
 from regmirror.config import Config, ConfigError
-from regmirror.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory
+from regmirror.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
 from regmirror.web import RegistrySite, make_site
 
 AUTH_THREADS = 2
@@ -41,6 +41,11 @@ def check_files(config: Config) -> ServerTLS | None:
             tls = ServerTLS(config.tls)
         except TLSError as e:
             raise ConfigError(f"{config.source}: http.tls: {e}") from None
+    if config.upstream_ca:
+        try:
+            upstream_trust_root(config.upstream_ca)
+        except TLSError as e:
+            raise ConfigError(f"{config.source}: regmirror.upstream_ca: {e}") from None
     if config.auth is not None:
         try:
             with open(config.auth.htpasswd, encoding="utf-8", errors="replace") as f:

@@ -6,7 +6,6 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
@@ -19,7 +18,7 @@ from regmirror.front import add_listener, check_files
 from regmirror.metrics import metrics_resource
 from regmirror.reaper import Reaper
 from regmirror.store import Store
-from regmirror.tls import ServerTLS
+from regmirror.tls import ServerTLS, upstream_trust_root
 from regmirror.upstream import Upstream
 
 log = logs.get_logger()
@@ -46,18 +45,6 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
-def _trust_root(path: str) -> Any:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        pem = f.read()
-    blocks = [
-        b"-----BEGIN CERTIFICATE-----" + block
-        for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-    ]
-    return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
-
-
 def build(
     config: Config, reactor: Any, tls: ServerTLS | None = None
 ) -> tuple[service.MultiService, Cache]:
@@ -81,7 +68,7 @@ def build(
         run_in_thread=run_in_thread,
     )
     shared = Shared(config.manifest_cache_size, config.max_upstream_fetches)
-    trust_root = _trust_root(config.upstream_ca)
+    trust_root = upstream_trust_root(config.upstream_ca)
     caches = []
     for upstream_config in config.upstreams:
         upstream = Upstream(

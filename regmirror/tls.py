@@ -23,8 +23,10 @@ from twisted.application import service
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import (
     AcceptableCiphers,
+    Certificate,
     CertificateOptions,
     TLSVersion,
+    trustRootFromCertificates,
 )
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -75,6 +77,15 @@ def _describe(cert: crypto.X509) -> str:
     return f"CN={subject.CN or '?'} serial={cert.get_serial_number():x} until " + (
         (cert.get_notAfter() or b"?").decode("ascii", "replace")
     )
+
+
+def upstream_trust_root(path: str) -> Any:
+    """The CA bundle to verify upstreams with (``regmirror.upstream_ca``), or None for
+    the system's trust store."""
+    if not path:
+        return None
+    chain = _certificates(_read(path, "upstream CA bundle"), path, "upstream CA bundle")
+    return trustRootFromCertificates([Certificate(cert) for cert in chain])
 
 
 def build_options(config: TLSConfig) -> tuple[CertificateOptions, str]:

@@ -408,6 +408,24 @@ def test_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
         assert str(info.value).startswith("c.yml: http.tls: ")
 
 
+def test_the_upstream_ca_bundle_is_checked_at_start_up(tmp_path: Path) -> None:
+    from regmirror.tls import upstream_trust_root
+
+    bundle = tmp_path / "cas.pem"
+    bundle.write_bytes(CA("one").cert_pem + CA("two").cert_pem)
+    assert upstream_trust_root(str(bundle)) is not None
+    assert upstream_trust_root("") is None
+    for path, problem in [
+        (tmp_path / "missing.pem", "cannot read the upstream CA bundle"),
+        (tmp_path / "empty.pem", "no PEM certificate"),
+    ]:
+        (tmp_path / "empty.pem").write_text("nothing here\n")
+        config, _ = parse_config({"regmirror": {"upstream_ca": str(path)}}, "c.yml")
+        with pytest.raises(ConfigError, match=problem) as info:
+            check_files(config)
+        assert str(info.value).startswith("c.yml: regmirror.upstream_ca: ")
+
+
 def test_a_failed_tls_reload_keeps_the_old_certificate(tmp_path: Path) -> None:
     ca = CA()
     first = ca.issue("first").write(tmp_path, "server")
