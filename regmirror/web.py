@@ -158,7 +158,7 @@ class RegistryAPI(Resource):
         request.setHeader(b"docker-distribution-api-version", API_VERSION)
         if len(request.uri) > self._max_url_length:
             error = Unsupported("the request URI is too long", status=414)
-            return self._render_error(request, error)
+            return _render_error(request, error)
         if self._auth is not None:
             user = self._auth.htpasswd.authenticate(request.getHeader(b"authorization"))
             if isinstance(user, Deferred):
@@ -166,7 +166,7 @@ class RegistryAPI(Resource):
                 user.addErrback(self._failed, request)
                 return NOT_DONE_YET
             if user is None and not self._anonymous_allowed(request):
-                return self._render_error(request, self._auth.challenge())
+                return _render_error(request, self._auth.challenge())
             if user is not None:
                 request.regmirror_user = user  # type: ignore[attr-defined]
         return self._dispatch(request)
@@ -184,7 +184,7 @@ class RegistryAPI(Resource):
             return
         if user is None and not self._anonymous_allowed(request):
             assert self._auth is not None
-            body: bytes | int = self._render_error(request, self._auth.challenge())
+            body: bytes | int = _render_error(request, self._auth.challenge())
         else:
             if user is not None:
                 request.regmirror_user = user  # type: ignore[attr-defined]
@@ -220,13 +220,13 @@ class RegistryAPI(Resource):
             r, cache = self._pick(request, sent)
             self._check_access(sent.name, r, cache)
             if r.kind == "base":
-                return self._json(request, b"{}")
+                return _json(request, b"{}")
             if r.kind == "manifest":
                 manifest = self._cached_manifest(request, r, cache)
                 if manifest is not None:
                     return self._send_manifest(request, manifest)
         except RegistryError as e:
-            return self._render_error(request, e)
+            return _render_error(request, e)
         d = Deferred.fromCoroutine(self._handle(request, r, cache))
         d.addErrback(self._failed, request)
         request.notifyFinish().addErrback(lambda _: d.cancel())
@@ -347,25 +347,11 @@ class RegistryAPI(Resource):
 
     # -- responses -------------------------------------------------------------------
 
-    def _json(self, request: Request, body: bytes) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return b"" if request.method == b"HEAD" else body
-
     def _finish_json(self, request: Request, body: bytes, link: str | None) -> None:
         if link is not None:
             request.setHeader(b"link", link.encode())
-        request.write(self._json(request, body))
+        request.write(_json(request, body))
         request.finish()
-
-    def _render_error(self, request: Request, error: RegistryError) -> bytes:
-        request.setResponseCode(error.status)
-        for key, value in error.headers.items():
-            request.setHeader(key, value)
-        body = error.body()
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return b"" if request.method == b"HEAD" else body
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError) or request.finished or request._disconnected:
@@ -378,8 +364,23 @@ class RegistryAPI(Resource):
         if request.startedWriting:
             _abort(request)
             return
-        request.write(self._render_error(request, error))
+        request.write(_render_error(request, error))
         request.finish()
+
+
+def _json(request: Request, body: bytes) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return b"" if request.method == b"HEAD" else body
+
+
+def _render_error(request: Request, error: RegistryError) -> bytes:
+    """A registry error in the spec's JSON format: every error response goes through
+    here."""
+    request.setResponseCode(error.status)
+    for key, value in error.headers.items():
+        request.setHeader(key, value)
+    return _json(request, error.body())
 
 
 def _abort(request: Request) -> None:
@@ -765,11 +766,7 @@ class _NotFound(Resource):
 
     def render(self, request: Request) -> bytes:
         error = Unsupported("unknown endpoint: this is a registry mirror (see /v2/)", status=404)
-        request.setResponseCode(error.status)
-        body = error.body()
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return b"" if request.method == b"HEAD" else body
+        return _render_error(request, error)
 
 
 class _Root(Resource):
