@@ -182,18 +182,15 @@ def remove_files(store: Store, digests: Iterable[str]) -> int:
     """Delete content files and the tag links that point at removed manifests (in a
     thread). Returns the bytes freed."""
     freed = 0
-    gone = set()
-    for text in digests:
-        digest = Digest.parse(text)
-        path = store.blob_path(digest)
-        for p in (path, path.with_name(path.name + ".type")):
-            try:
-                size = p.stat().st_size
-                p.unlink()
-                freed += size if p == path else 0
-            except FileNotFoundError:
-                pass
-        gone.add(text)
+    gone = set(digests)
+    for text in gone:
+        path = store.blob_path(Digest.parse(text))
+        try:
+            freed += path.stat().st_size
+        except FileNotFoundError:
+            pass
+        store.discard(path)
+        store.discard(path.with_name(path.name + ".type"))
     if gone:
         _unlink_references(store, gone)
     return freed
@@ -202,7 +199,7 @@ def remove_files(store: Store, digests: Iterable[str]) -> int:
 def _unlink_references(store: Store, gone: set[str]) -> None:
     """Tags that resolve to a removed manifest, and repository links to removed content."""
     hexes = {d.partition(":")[2] for d in gone}
-    for dirpath, dirnames, filenames in os.walk(store.repositories):
+    for dirpath, _, filenames in os.walk(store.repositories):
         base = os.path.basename(dirpath)
         if base == "_tags":
             for name in filenames:
@@ -213,22 +210,14 @@ def _unlink_references(store: Store, gone: set[str]) -> None:
                 except (OSError, ValueError, AttributeError):
                     continue
                 if any(v in gone for v in variants.values()):
-                    _unlink(path)
+                    store.discard(Path(path))
         elif base in ("sha256", "sha512") and os.path.basename(os.path.dirname(dirpath)) in (
             "_manifests",
             "_layers",
         ):
             for name in filenames:
                 if name in hexes:
-                    _unlink(os.path.join(dirpath, name))
-        dirnames[:] = [d for d in dirnames if d != "_taglist.json"]
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+                    store.discard(Path(dirpath, name))
 
 
 class Reaper(Service):

@@ -96,9 +96,10 @@ class Store:
         os.rename(temp, final)
         return final
 
-    def discard(self, temp: Path) -> None:
+    def discard(self, path: Path) -> None:
+        """Remove a file if it is there."""
         try:
-            os.unlink(temp)
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
