@@ -505,7 +505,12 @@ class Cache:
             return (
                 manifest if manifest is not None and accept.accepts(manifest.media_type) else None
             )
-        state = self._tag_state(repository, reference)
+        return self._fresh_tag(repository, reference, accept)
+
+    def _fresh_tag(self, repository: str, tag: str, accept: Accept) -> Manifest | None:
+        """The cached manifest a tag resolves to, if it was checked within its freshness
+        window (for a media type the client accepts)."""
+        state = self._tag_state(repository, tag)
         picked = self._pick(state, accept)
         if picked is None:
             return None
@@ -518,15 +523,9 @@ class Cache:
         return self.cached_manifest(digest)
 
     async def _manifest_by_tag(self, repository: str, tag: str, accept: Accept) -> Manifest:
-        state = self._tag_state(repository, tag)
-        picked = self._pick(state, accept)
-        if picked is not None:
-            media_type, digest = picked
-            age = self._reactor.seconds() - state.checked.get(media_type, float("-inf"))
-            if age < self.tag_freshness:
-                manifest = self.cached_manifest(digest)
-                if manifest is not None:
-                    return manifest
+        manifest = self._fresh_tag(repository, tag, accept)
+        if manifest is not None:
+            return manifest
         return await self._manifest_flight.run(
             ("tag", repository, tag, accept.types),
             lambda: self._refresh_tag(repository, tag, accept),
