@@ -26,7 +26,6 @@ from tests.support.certs import CA
 from tests.support.images import Blob, Image, RegistryPusher, sha256_digest
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
-from tests.support.process import wait_http_ready
 from tests.support.proxy import CountingProxy
 from tests.support.upstream import UpstreamRegistry
 from tests.support.wait import poll_until
@@ -84,21 +83,9 @@ class Side:
 class _TLSRegistry(UpstreamRegistry):
     """distribution with ``http.tls``: its URL is https, readiness checked with the CA."""
 
-    ssl_context: Any = None
-
     @property
     def url(self) -> str:
         return super().url.replace("http://", "https://")
-
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        wait_http_ready(
-            self._process,
-            self.url + "/v2/",
-            self.ready_timeout,
-            log_path=self.log_path,
-            ssl_context=self.ssl_context,
-        )
 
 
 @dataclass

@@ -22,7 +22,6 @@ from tests.support.certs import CA, Issued
 from tests.support.images import Image, push_images
 from tests.support.mirror import Mirror
 from tests.support.ports import LOOPBACK
-from tests.support.process import wait_http_ready
 from tests.support.proxy import CountingProxy
 from tests.support.rawhttp import assert_registry_error, request
 from tests.support.skopeo import skopeo_copy, verify_dir
@@ -308,20 +307,6 @@ def test_a_denied_repository_gets_403_and_no_upstream_request(
 # -- credentials never leak ----------------------------------------------------------------
 
 
-class AuthUpstream(UpstreamRegistry):
-    """A docker-registry that requires Basic credentials (its /v2/ answers 401)."""
-
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        wait_http_ready(
-            self._process,
-            self.url + "/v2/",
-            self.ready_timeout,
-            log_path=self.log_path,
-            expect_status=401,
-        )
-
-
 def test_no_credential_appears_in_logs_or_error_bodies(
     images: dict[str, Image], make_mirror: MakeMirror, tmp_path: Path, integration_tools: Any
 ) -> None:
@@ -336,7 +321,7 @@ def test_no_credential_appears_in_logs_or_error_bodies(
     upstream_htpasswd = write_htpasswd(
         tmp_path / "upstream.htpasswd", {"mirror": UPSTREAM_PASSWORD}
     )
-    private = AuthUpstream(
+    private = UpstreamRegistry(  # with auth, its /v2/ answers 401 when ready
         base,
         port=plain.port,
         extra_config={"auth": {"htpasswd": {"realm": "private", "path": str(upstream_htpasswd)}}},

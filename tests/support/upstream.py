@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ class UpstreamRegistry:
     """
 
     binary_name = "docker-registry"
+    # For a registry serving https (http.tls in extra_config): what checks it is ready.
+    ssl_context: ssl.SSLContext | None = None
 
     def __init__(
         self,
@@ -156,6 +159,7 @@ class UpstreamRegistry:
             log_path=self.log_path,
             # With auth configured, an anonymous GET /v2/ is answered with a challenge.
             expect_status=401 if self.config().get("auth") else 200,
+            ssl_context=self.ssl_context,
         )
 
     def stop(self, timeout: float = 10.0) -> None:
