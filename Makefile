@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= etc/config.yml
 
-.PHONY: run test unit integration lint bench clean
+.PHONY: run test unit integration lint bench clean debs-test debs-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,13 +15,18 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/twistd --pidfile= -n regmirror -c $(CONFIG)
 
-test: $(STAMP)
+# The Debian packages the tests and benchmarks need (the list is in scripts/ensure-debs):
+# installed when run as root, else one line names them and make stops.
+debs-test debs-bench: debs-%:
+	@scripts/ensure-debs $*
+
+test: debs-test $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP)
+integration: debs-test $(STAMP)
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -29,8 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check regmirror twisted tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP)
-	@command -v wrk >/dev/null && command -v ab >/dev/null && command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v curl >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry skopeo wrk apache2-utils curl)
+bench: debs-bench $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
