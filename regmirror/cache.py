@@ -11,7 +11,7 @@ import json
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
 from treq.response import _Response
@@ -34,6 +34,7 @@ from regmirror.errors import (
 )
 from regmirror.fetch import BlobFetch, DigestMismatch, InlineWriter, State, WriterFactory
 from regmirror.logs import get_logger
+from regmirror.names import DOCKER_HUB_HOSTS, is_well_known_registry
 from regmirror.reaper import BLOB, MANIFEST, Reaper, manifest_references
 from regmirror.singleflight import SingleFlight
 from regmirror.store import Store, is_disk_full
@@ -631,7 +632,7 @@ class Cache:
                 "the upstream manifest is larger than the configured maximum",
                 {"size": response.length, "max": self._max_manifest},
             )
-        data = await _read_limited(response, self._max_manifest)
+        data = await _read_limited(response, self._max_manifest, self._reactor, self._read_timeout)
         media_type = response.headers.getRawHeaders("content-type", [""])[0]
         media_type = media_type.split(";", 1)[0].strip().lower()
         if not media_type or media_type == "application/json":
@@ -695,7 +696,9 @@ class Cache:
         for _ in range(MAX_TAG_PAGES):
             assert path is not None
             response = await self.upstream.request("GET", path, repository)
-            body = await _read_limited(response, self._max_manifest)
+            body = await _read_limited(
+                response, self._max_manifest, self._reactor, self._read_timeout
+            )
             if response.code == 404:
                 raise NameUnknown("repository unknown to the upstream registry", {"name": name})
             if response.code != 200:
@@ -721,35 +724,98 @@ class Cache:
         return names
 
 
+MAX_NS_LOGGED = 256  # distinct unmatched ?ns= values logged (then only counted)
+
+
 class Mirrors:
     """The caches of every upstream, and how a request picks one: containerd's
     ``?ns=<registry>`` first, then a first path component that is an upstream's name or
     alias (``/v2/ghcr.io/owner/image/...``, podman's ``mirror:5000/ghcr``), otherwise
-    the default upstream (the Docker daemon's ``registry-mirrors`` traffic)."""
+    the default upstream (the Docker daemon's ``registry-mirrors`` traffic).
 
-    def __init__(self, caches: list[Cache]) -> None:
+    An ``ns`` naming no upstream: with a ``single`` upstream (only ``proxy.remoteurl``)
+    that is not a well-known public registry, it is served by that upstream, as
+    registry:2 does (it ignores ``ns``); otherwise it is refused with 404, since two
+    registries' ``owner/name`` are different images."""
+
+    def __init__(self, caches: list[Cache], *, single: bool = False) -> None:
         self.caches = caches
         self.default = caches[0]
         self.by_name: dict[str, Cache] = {}
         for cache in caches:
             for label in (cache.upstream.name, *cache.upstream.config.aliases):
                 self.by_name[label] = cache
+        for cache in caches:  # an upstream is also called by its URL's host
+            parts = urlsplit(cache.upstream.config.url)
+            hosts = [parts.netloc, parts.hostname or ""]
+            if cache.upstream.config.docker_hub:
+                hosts.extend(DOCKER_HUB_HOSTS)
+            for host in hosts:
+                if host:
+                    self.by_name.setdefault(host, cache)
+        default = self.default.upstream
+        host = urlsplit(default.config.url).netloc
+        self.any_ns = (
+            single
+            and len(caches) == 1
+            and not default.config.docker_hub
+            and not is_well_known_registry(host)
+        )
+        self._ns_seen: set[str] = set()
+        self.stats: Counter[str] = Counter()  # ns_served, ns_refused: read by metrics
 
     def pick(self, name: str, ns: str | None = None) -> tuple[Cache, str]:
         if ns is not None:
             cache = self.by_name.get(ns)
-            if cache is None:
-                raise NameUnknown(
-                    f"this mirror has no upstream for ns={ns[:100]}",
-                    {"ns": ns[:100], "upstreams": sorted(c.upstream.name for c in self.caches)},
-                )
-            return cache, name
+            if cache is not None:
+                return cache, name
+            return self._unmatched_ns(ns), name
         first, _, rest = name.partition("/")
         if rest:
             cache = self.by_name.get(first)
             if cache is not None:
                 return cache, rest
         return self.default, name
+
+    def _unmatched_ns(self, ns: str) -> Cache:
+        shown = ns[:100]
+        first = shown not in self._ns_seen and len(self._ns_seen) < MAX_NS_LOGGED
+        if first:
+            self._ns_seen.add(shown)
+        if self.any_ns:
+            self.stats["ns_served"] += 1
+            if first:
+                log.info(
+                    "?ns={ns} served by {upstream}, this mirror's only upstream (as registry:2 "
+                    "does; logged once)",
+                    ns=shown,
+                    upstream=self.default.upstream.name,
+                )
+            return self.default
+        self.stats["ns_refused"] += 1
+        names = sorted(c.upstream.name for c in self.caches)
+        if first:
+            if len(self.caches) == 1:
+                fix = (
+                    f"{names[0]} is a public registry whose repositories are not {shown}'s; "
+                    f"add an upstream for {shown} under regmirror.upstreams"
+                )
+            else:
+                fix = (
+                    f"add {shown} to the aliases of the upstream that mirrors it, or add an "
+                    "upstream for it under regmirror.upstreams"
+                )
+            log.warn(
+                "?ns={ns} names no upstream of this mirror ({upstreams}): answered 404; {fix} "
+                "(logged once)",
+                ns=shown,
+                upstreams=", ".join(names),
+                fix=fix,
+            )
+        raise NameUnknown(
+            f"this mirror has no upstream for ns={shown}",
+            {"ns": shown, "upstreams": names},
+        )
 
     def in_use(self, key: str) -> bool:
         return self.default.in_use(key)  # readers and fetches are shared
@@ -810,13 +876,35 @@ def _media_type_of(data: bytes) -> str:
 
 
 class _Collector(Protocol):
-    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+    """Collects a small body, at most ``limit`` bytes; cut after ``idle`` seconds of
+    silence when given a clock."""
+
+    def __init__(
+        self,
+        limit: int,
+        done: Deferred[bytes],
+        clock: IReactorTime | None = None,
+        idle: float = 0.0,
+    ) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
         self._done = done
+        self._timer: IDelayedCall | None = None
+        self._silent = False
+        if clock is not None and idle > 0:
+            self._idle = idle
+            self._timer = clock.callLater(idle, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._silent = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.reset(self._idle)
         self._size += len(data)
         if self._size > self._limit:
             self._chunks = []
@@ -826,7 +914,12 @@ class _Collector(Protocol):
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._size > self._limit:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._silent:
+            self._done.errback(Unavailable("the upstream stopped sending the response"))
+        elif self._size > self._limit:
             self._done.errback(
                 ManifestInvalid("the upstream response is larger than the configured maximum")
             )
@@ -836,9 +929,11 @@ class _Collector(Protocol):
             self._done.errback(Unavailable("the upstream connection broke"))
 
 
-async def _read_limited(response: _Response, limit: int) -> bytes:
+async def _read_limited(
+    response: _Response, limit: int, clock: IReactorTime | None = None, idle: float = 0.0
+) -> bytes:
     d: Deferred[bytes] = Deferred()
-    response.deliverBody(_Collector(limit, d))
+    response.deliverBody(_Collector(limit, d, clock, idle))
     return await d
 
 

@@ -243,6 +243,7 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.upstream_ca": (_str, ""),
     "regmirror.upstream_connect_timeout": (parse_duration, 10.0),
     "regmirror.upstream_read_timeout": (parse_duration, 60.0),
+    "regmirror.upstream_header_timeout": (parse_duration, 15.0),
     "regmirror.upstream_name": (_str, ""),
     "regmirror.upstreams": (lambda v: _upstream_list(v), ()),
     "regmirror.upstream_failures": (_int, 5),
@@ -347,6 +348,9 @@ class Config:
     upstream_ca: str
     connect_timeout: float
     read_timeout: float
+    upstream_header_timeout: float = 15.0  # request sent -> response headers
+    # Only proxy.remoteurl, no regmirror.upstreams: ?ns= is routed as registry:2 does
+    single_upstream: bool = False
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
     max_upstream_fetches: int = 64
@@ -473,6 +477,8 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         upstream_ca=values["regmirror.upstream_ca"],
         connect_timeout=values["regmirror.upstream_connect_timeout"],
         read_timeout=values["regmirror.upstream_read_timeout"],
+        upstream_header_timeout=values["regmirror.upstream_header_timeout"],
+        single_upstream=len(upstreams) == 1 and not values["regmirror.upstreams"],
         breaker_failures=values["regmirror.upstream_failures"],
         max_upstream_fetches=values["regmirror.max_upstream_fetches"],
         metrics_path=values["regmirror.metrics_path"],

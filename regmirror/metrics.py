@@ -80,6 +80,15 @@ class MirrorCollector(Collector):
         yield ratelimit
         yield breaker
 
+        ns = CounterMetricFamily(
+            "regmirror_ns_unmatched",
+            "Requests whose ?ns= named no upstream: served by the only upstream, or refused",
+            labels=["outcome"],
+        )
+        for outcome in ("served", "refused"):
+            ns.add_metric([outcome], self._mirrors.stats.get(f"ns_{outcome}", 0))
+        yield ns
+
         shared = self._mirrors.default.shared
         failures = CounterMetricFamily(
             "regmirror_fetch_failures",

@@ -17,6 +17,25 @@ DOCKER_HUB_HOSTS = frozenset(
 )
 
 
+# Public registries where one ``owner/name`` belongs to one party: a mirror whose only
+# upstream is one of them never serves another registry's ``?ns=`` from it.
+WELL_KNOWN_REGISTRIES = frozenset(
+    {
+        *DOCKER_HUB_HOSTS, "ghcr.io", "quay.io", "gcr.io", "us.gcr.io", "eu.gcr.io",
+        "asia.gcr.io", "k8s.gcr.io", "registry.k8s.io", "public.ecr.aws",
+        "mcr.microsoft.com", "nvcr.io", "registry.gitlab.com", "docker.elastic.co",
+        "cgr.dev", "registry.redhat.io", "registry.access.redhat.com",
+        "container-registry.oracle.com", "docker.pkg.github.com",
+    }
+)  # fmt: skip
+
+
+def is_well_known_registry(host: str) -> bool:
+    """``host`` (a host name, maybe with a port) is a multi-tenant public registry."""
+    hostname = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host
+    return hostname in WELL_KNOWN_REGISTRIES or hostname.endswith(".pkg.dev")
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid repository name, else raise ``NAME_INVALID``."""
     if not name or len(name) > MAX_NAME_LENGTH:

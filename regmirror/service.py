@@ -76,6 +76,7 @@ def build(
             upstream_config,
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
+            header_timeout=config.upstream_header_timeout,
             trust_root=trust_root,
             credentials=Credentials(
                 upstream_config, clock=reactor.seconds, run_in_thread=run_in_thread
@@ -99,7 +100,7 @@ def build(
                 shared=shared,
             )
         )
-    mirrors = Mirrors(caches)
+    mirrors = Mirrors(caches, single=config.single_upstream)
     cache = mirrors.default
     reaper.in_use = mirrors.in_use
     reaper.forget = mirrors.forget

@@ -82,6 +82,7 @@ class Upstream:
         client: HTTPClient | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        header_timeout: float = 15.0,
         trust_root: Any = None,
         credentials: Credentials | None = None,
         breaker_failures: int = 5,
@@ -98,7 +99,11 @@ class Upstream:
         self.name = config.name
         self._base = config.url
         self._host = urlsplit(config.url).hostname or ""
-        self._read_timeout = read_timeout
+        # From request sent to response headers: never longer than the upstream may
+        # stay silent (the read timeout), so a silent upstream fails a miss in time.
+        # 0 turns either off.
+        limits = [t for t in (header_timeout, read_timeout) if t > 0]
+        self._header_timeout = min(limits) if limits else 0.0
         if client is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 16
@@ -237,7 +242,7 @@ class Upstream:
                     headers=h,
                     allow_redirects=False,
                     unbuffered=unbuffered,
-                    timeout=self._read_timeout,
+                    timeout=self._header_timeout,
                     reactor=self._reactor,
                 )
             except (ConnectError, DNSLookupError, ConnectionLost, TimeoutError) as e:
@@ -316,7 +321,7 @@ class Upstream:
             response = await self._client.get(
                 url,
                 headers=headers,
-                timeout=self._read_timeout,
+                timeout=self._header_timeout,
                 allow_redirects=True,
                 reactor=self._reactor,
             )

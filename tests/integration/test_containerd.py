@@ -3,6 +3,7 @@ registry, containerd adding ?ns=<registry>, regmirror routing by it."""
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from tests.integration.conftest import MakeMirror, MakeUpstream
 from tests.support.containerd import Containerd
 from tests.support.images import Image, oci_image, push_image
+from tests.support.proxy import CountingProxy
 from tests.support.upstream import UpstreamRegistry
 
 
@@ -60,3 +62,27 @@ def test_containerd_pulls_from_two_registries_through_one_mirror_by_ns(
     # Kept apart in the store, per upstream.
     assert (mirror.root / "repositories" / "docker.io" / "library" / "alpine").is_dir()
     assert (mirror.root / "repositories" / "ghcr.io" / "library" / "alpine").is_dir()
+
+
+def test_containerd_pulls_docker_io_through_a_mirror_whose_only_upstream_is_host_port(
+    containerd: Containerd,
+    upstream: UpstreamRegistry,
+    images: dict[str, Image],
+    upstream_proxy: CountingProxy,
+    make_mirror: MakeMirror,
+) -> None:
+    # A registry:2 config: one proxy.remoteurl, a loopback host:port (a corporate
+    # registry mirroring Docker Hub), no upstream_name. Nodes send ?ns=docker.io.
+    mirror = make_mirror(upstream_proxy.url)
+    containerd.mirror("docker.io", mirror.url)
+    image = images["schema2"]  # library/alpine:3.19
+    containerd.pull("docker.io/library/alpine:3.19")
+    assert containerd.image_digest("docker.io/library/alpine:3.19") == image.digest
+    assert "?ns=docker.io" in mirror.log_text()
+    served = [line for line in mirror.log_text().splitlines() if "ns=docker.io served" in line]
+    assert len(served) == 1, served  # logged once, however many requests carried it
+    for blob in image.blobs():
+        assert upstream_proxy.count_requests("GET", f"/blobs/{blob.digest}") == 1
+    metrics = urllib.request.urlopen(f"{mirror.url}/metrics", timeout=10).read().decode()
+    assert 'regmirror_ns_unmatched_total{outcome="served"}' in metrics
+    assert 'regmirror_ns_unmatched_total{outcome="refused"} 0.0' in metrics

@@ -165,6 +165,13 @@ def test_an_ns_naming_no_upstream_is_404_name_unknown(pair: Pair, make_mirror: M
     ):
         error = assert_registry_error(get(mirror, target), 404, "NAME_UNKNOWN")
         assert "quay.io" in error["message"], error  # not the default's answer
+    # A known ns next to it is served.
+    assert get(mirror, f"/v2/owner/img/manifests/1.0?ns={GHCR}").status == 200
+    # One warning for the name, with the fix; every refusal counted.
+    warnings = log_lines_with(mirror, "ns=quay.io", "names no upstream")
+    assert len(warnings) == 1 and "aliases" in warnings[0], warnings
+    metrics = request(mirror.url, "GET", "/metrics").body.decode()
+    assert 'regmirror_ns_unmatched_total{outcome="refused"} 3.0' in metrics, metrics
 
 
 def test_skopeo_pulls_through_registries_conf_mirrors_of_two_registries(
@@ -265,6 +272,21 @@ def test_a_black_holed_upstream_fails_in_time_then_the_breaker_answers_at_once(
         image = images["schema2"]
         skopeo_copy(image.ref(mirror.host), tmp_path / "d")
         verify_dir(tmp_path / "d", image)
+
+
+def test_a_black_holed_upstream_fails_a_miss_with_503_in_time_on_the_default_config(
+    make_mirror: MakeMirror,
+) -> None:
+    # No timeouts configured: the 15 s response-header timeout applies, well before
+    # containerd gives up on a registry (~30 s) and the 60 s read timeout.
+    with BlackHole() as hole:
+        mirror = make_mirror(hole.url)
+        started = time.monotonic()
+        resp = get(mirror, "/v2/owner/img/manifests/1.0")
+        elapsed = time.monotonic() - started
+        assert_registry_error(resp, 503, "UNAVAILABLE")
+        assert hole.connections >= 1
+        assert 10 < elapsed < 20, f"a miss against a silent upstream took {elapsed:.1f} s"
 
 
 def test_a_rate_limited_upstream_429_is_passed_on_unless_cached(

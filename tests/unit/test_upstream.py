@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from regmirror.cache import Cache, Mirrors
-from regmirror.config import UpstreamConfig
+from regmirror.cache import Cache, Mirrors, _read_limited
+from regmirror.config import UpstreamConfig, parse_config
 from regmirror.credentials import Credential, CredentialError, Credentials
 from regmirror.errors import NameUnknown, Unauthorized, Unavailable
 from regmirror.store import Store
@@ -252,3 +254,112 @@ def test_requests_are_routed_by_ns_then_prefix_then_default(tmp_path: Path) -> N
     with pytest.raises(NameUnknown) as info:
         mirrors.pick("x/y", "quay.io")
     assert "quay.io" in info.value.message
+
+
+def _mirrors(tmp_path: Path, *specs: tuple[str, str], single: bool = False) -> Mirrors:
+    """Mirrors over upstreams given as (name, url)."""
+    store = Store(tmp_path)
+    clock = Clock()
+    caches = []
+    for name, url in specs:
+        hub = "docker.io" in url
+        config = UpstreamConfig(name=name, url=url, username="", password="", docker_hub=hub)
+        upstream = Upstream(clock, config, client=StubTreq(Resource()))  # type: ignore[arg-type]
+        caches.append(Cache(clock, store, upstream))
+    return Mirrors(caches, single=single)
+
+
+def test_one_private_upstream_serves_every_ns_as_registry2_does(tmp_path: Path) -> None:
+    mirrors = _mirrors(tmp_path, ("127.0.0.1:5001", "http://127.0.0.1:5001"), single=True)
+    only = mirrors.default
+    for ns in ("docker.io", "ghcr.io", "docker.io", "registry.example.com:5000"):
+        assert mirrors.pick("library/alpine", ns) == (only, "library/alpine")
+    assert mirrors.pick("x/y", "127.0.0.1:5001") == (only, "x/y")  # its own name
+    assert mirrors.stats["ns_served"] == 4
+    assert mirrors.stats["ns_refused"] == 0
+
+
+def test_one_public_upstream_refuses_another_registrys_ns(tmp_path: Path) -> None:
+    mirrors = _mirrors(tmp_path, ("docker.io", "https://registry-1.docker.io"), single=True)
+    hub = mirrors.default
+    for ns in ("docker.io", "registry-1.docker.io", "index.docker.io"):
+        assert mirrors.pick("library/alpine", ns) == (hub, "library/alpine")
+    for ns in ("ghcr.io", "quay.io"):
+        with pytest.raises(NameUnknown) as info:
+            mirrors.pick("owner/image", ns)
+        assert ns in info.value.message
+    assert mirrors.stats["ns_refused"] == 2
+    ghcr = _mirrors(tmp_path, ("ghcr.io", "https://ghcr.io"), single=True)
+    assert ghcr.pick("owner/image", "ghcr.io")[0] is ghcr.default
+    with pytest.raises(NameUnknown):
+        ghcr.pick("owner/image", "docker.io")
+
+
+def test_several_upstreams_refuse_an_unknown_ns_even_if_one_is_private(tmp_path: Path) -> None:
+    mirrors = _mirrors(
+        tmp_path,
+        ("registry.corp:5000", "http://registry.corp:5000"),
+        ("ghcr.io", "https://ghcr.io"),
+    )
+    assert mirrors.pick("a/b", "registry.corp:5000")[0] is mirrors.default
+    with pytest.raises(NameUnknown):
+        mirrors.pick("a/b", "docker.io")
+    # Configured through regmirror.upstreams (not "single"): no registry:2 leniency either.
+    one = _mirrors(tmp_path, ("registry.corp:5000", "http://registry.corp:5000"), single=False)
+    with pytest.raises(NameUnknown):
+        one.pick("a/b", "docker.io")
+    assert mirrors.stats["ns_refused"] == 1 and one.stats["ns_refused"] == 1
+
+
+def test_single_upstream_is_only_proxy_remoteurl() -> None:
+    only = parse_config({"proxy": {"remoteurl": "http://127.0.0.1:5001"}})[0]
+    assert only.single_upstream
+    listed = parse_config(
+        {
+            "proxy": {"remoteurl": "http://127.0.0.1:5001"},
+            "regmirror": {"upstreams": [{"name": "127.0.0.1:5001", "aliases": ["corp"]}]},
+        }
+    )[0]
+    assert len(listed.upstreams) == 1 and not listed.single_upstream
+
+
+def test_upstream_header_timeout_is_separate_and_bounded_by_the_read_timeout() -> None:
+    assert parse_config({})[0].upstream_header_timeout == 15.0
+    config = UpstreamConfig(name="u", url="http://u", username="", password="", docker_hub=False)
+    clock = Clock()
+    client = StubTreq(Resource())
+    assert Upstream(clock, config, client=client)._header_timeout == 15.0  # type: ignore[arg-type]
+    short = Upstream(clock, config, client=client, read_timeout=1.0)  # type: ignore[arg-type]
+    assert short._header_timeout == 1.0
+
+
+def test_a_manifest_body_that_stops_arriving_is_cut_after_the_read_timeout() -> None:
+    clock = Clock()
+
+    class Transport:
+        stopped = False
+
+        def stopProducing(self) -> None:
+            self.stopped = True
+
+    class Response:
+        protocol: Any = None
+
+        def deliverBody(self, protocol: Any) -> None:
+            self.protocol = protocol
+
+    response = Response()
+    d = Deferred.fromCoroutine(_read_limited(response, 1024, clock, 60.0))  # type: ignore[arg-type]
+    transport = Transport()
+    response.protocol.makeConnection(transport)
+    response.protocol.dataReceived(b"{")
+    clock.advance(59)
+    response.protocol.dataReceived(b'"a"')  # data resets the idle timer
+    clock.advance(59)
+    assert not transport.stopped
+    clock.advance(1)
+    assert transport.stopped
+    response.protocol.connectionLost(Failure(ConnectionLost()))
+    failure = T.failureResultOf(d, Unavailable)
+    assert "stopped sending" in failure.value.message
+    assert not clock.getDelayedCalls()
