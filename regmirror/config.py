@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from regmirror.names import DOCKER_HUB_HOSTS
+from regmirror.domain.names import DOCKER_HUB_HOSTS
 
 
 class ConfigError(Exception):

@@ -37,6 +37,8 @@ _DEBIAN_PACKAGES = {
     "skopeo": "skopeo",
     "containerd": "containerd",
     "ctr": "containerd",
+    "dockerd": "docker.io",
+    "docker": "docker.io",
 }
 
 _PR_SET_PDEATHSIG = 1

@@ -15,15 +15,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from regmirror.cache import Cache, Shared
+from regmirror.api.resource import make_root
 from regmirror.config import UpstreamConfig
-from regmirror.credentials import Credentials
-from regmirror.digest import Digest
-from regmirror.reaper import Reaper
-from regmirror.store import Store
+from regmirror.domain.digest import Digest
+from regmirror.expiry.reaper import Reaper
+from regmirror.mirror.cache import Cache, Shared
+from regmirror.storage.store import Store
 from regmirror.testing import FakeRegistry, digest_of
-from regmirror.upstream import Upstream
-from regmirror.web import make_root
+from regmirror.upstream.client import Upstream
+from regmirror.upstream.credentials import Credentials
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
@@ -357,7 +357,7 @@ def test_docker_hub_official_images_are_normalised(tmp_path: Path) -> None:
 def test_tls_handshake_on_the_plain_port_is_answered_at_once() -> None:
     from twisted.internet.testing import StringTransport
 
-    from regmirror.web import RegistrySite
+    from regmirror.api.resource import RegistrySite
 
     site = RegistrySite(Resource(), access_log=False)
     protocol = site.buildProtocol(None)
@@ -406,7 +406,7 @@ def test_disk_full_cuts_the_transfer_runs_an_eviction_and_keeps_serving(
     import errno
     import os
 
-    import regmirror.fetch
+    import regmirror.fetch.blobfetch
 
     cached = h.upstream.add_blob(b"c" * 1000)
     h.request("GET", f"/v2/a/blobs/{cached}")
@@ -423,10 +423,10 @@ def test_disk_full_cuts_the_transfer_runs_an_eviction_and_keeps_serving(
     h.pump()
     h.upstream.release(chunk=50_000)  # some bytes reach the client
     h.pump()
-    monkeypatch.setattr(regmirror.fetch.os, "write", full)
+    monkeypatch.setattr(regmirror.fetch.blobfetch.os, "write", full)
     h.upstream.release()
     h.pump()
-    monkeypatch.setattr(regmirror.fetch.os, "write", os.write)
+    monkeypatch.setattr(regmirror.fetch.blobfetch.os, "write", os.write)
     t = SynchronousTestCase()
     response = t.successResultOf(d)
     body = treq.content(response)
@@ -496,8 +496,8 @@ def test_concurrent_upstream_fetches_are_limited(tmp_path: Path) -> None:
 def test_metrics_count_hits_fetches_failures_and_the_store(h: Harness) -> None:
     from collections import Counter
 
-    from regmirror.cache import Mirrors
-    from regmirror.metrics import metrics_resource
+    from regmirror.api.metrics import metrics_resource
+    from regmirror.mirror.cache import Mirrors
 
     responses: Counter[int] = Counter({200: 3, 404: 1})
     h.root.putChild(b"metrics", metrics_resource(Mirrors([h.cache]), h.reaper, responses))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from regmirror.digest import Digest
-from regmirror.fetch import BlobFetch, DigestMismatch, State
-from regmirror.store import Store
+from regmirror.domain.digest import Digest
+from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, State
+from regmirror.storage.store import Store
 
 
 class Recorder:
@@ -114,7 +114,7 @@ def test_disk_full_fails_the_fetch_and_removes_the_file(
 def test_threaded_writer_reports_on_the_reactor_thread(store: Store) -> None:
     from twisted.internet.task import Clock
 
-    from regmirror.fetch import threaded_writers
+    from regmirror.fetch.blobfetch import threaded_writers
 
     class Reactor(Clock):
         def __init__(self) -> None:

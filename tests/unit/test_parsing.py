@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from regmirror.digest import Digest
-from regmirror.errors import DigestInvalid, NameInvalid, TagInvalid, Unsupported
-from regmirror.names import normalize_docker_hub, parse_reference, validate_name
-from regmirror.ranges import Unsatisfiable, parse_range
-from regmirror.web import route
+from regmirror.api.resource import route
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import DigestInvalid, NameInvalid, TagInvalid, Unsupported
+from regmirror.domain.names import normalize_docker_hub, parse_reference, validate_name
+from regmirror.domain.ranges import Unsatisfiable, parse_range
 
 HEX = "a" * 64
 

@@ -22,13 +22,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from regmirror.cache import Accept
+from regmirror.api.resource import RegistrySite, route
 from regmirror.config import Limits, parse_duration, parse_size
-from regmirror.digest import Digest
-from regmirror.errors import RegistryError
-from regmirror.names import parse_reference, validate_name
-from regmirror.ranges import Unsatisfiable, parse_range
-from regmirror.web import RegistrySite, route
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import RegistryError
+from regmirror.domain.names import parse_reference, validate_name
+from regmirror.domain.ranges import Unsatisfiable, parse_range
+from regmirror.mirror.cache import Accept
 from tests.unit.test_cache_web import Harness
 
 SPEC_CODES = {

@@ -11,9 +11,9 @@ import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from regmirror.digest import Digest
-from regmirror.reaper import BLOB, MANIFEST, Reaper, manifest_references
-from regmirror.store import Store
+from regmirror.domain.digest import Digest
+from regmirror.expiry.reaper import BLOB, MANIFEST, Reaper, manifest_references
+from regmirror.storage.store import Store
 
 
 def sync(f: Any, *args: Any) -> Deferred[Any]:

@@ -17,12 +17,12 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from regmirror.auth import AccessRules, ClientAuth, Htpasswd, check_password, parse_basic
+from regmirror.api.auth import AccessRules, ClientAuth, Htpasswd, check_password, parse_basic
+from regmirror.api.resource import RegistryAPI, RegistrySite, make_root
+from regmirror.app.listeners import check_files
 from regmirror.config import ConfigError, Limits, TLSConfig, parse_config
-from regmirror.front import check_files
-from regmirror.limits import StallTimer
-from regmirror.tls import ServerTLS, TLSError
-from regmirror.web import RegistryAPI, RegistrySite, make_root
+from regmirror.http.limits import StallTimer
+from regmirror.http.tls import ServerTLS, TLSError
 from tests.support.certs import CA
 from tests.unit.test_cache_web import Harness, error_code, header
 
@@ -409,7 +409,7 @@ def test_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
 
 
 def test_the_upstream_ca_bundle_is_checked_at_start_up(tmp_path: Path) -> None:
-    from regmirror.tls import upstream_trust_root
+    from regmirror.http.tls import upstream_trust_root
 
     bundle = tmp_path / "cas.pem"
     bundle.write_bytes(CA("one").cert_pem + CA("two").cert_pem)
@@ -457,7 +457,7 @@ def test_large_writes_over_tls_arrive_intact_and_in_order(tmp_path: Path) -> Non
     from twisted.protocols.tls import TLSMemoryBIOFactory
     from twisted.test.iosim import connectedServerAndClient
 
-    from regmirror.tls import TLSFactory
+    from regmirror.http.tls import TLSFactory
 
     ca = CA()
     server_files = ca.issue("mirror", dns=("mirror.test",)).write(tmp_path, "server")

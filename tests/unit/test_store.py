@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from regmirror.digest import Digest
-from regmirror.store import Store
+from regmirror.domain.digest import Digest
+from regmirror.storage.store import Store
 
 
 def test_temp_files_are_invisible_until_committed(tmp_path: Path) -> None:

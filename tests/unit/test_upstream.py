@@ -21,12 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from regmirror.cache import Cache, Mirrors, _read_limited
 from regmirror.config import UpstreamConfig, parse_config
-from regmirror.credentials import Credential, CredentialError, Credentials
-from regmirror.errors import NameUnknown, Unauthorized, Unavailable
-from regmirror.store import Store
-from regmirror.upstream import Upstream, parse_challenge
+from regmirror.domain.errors import NameUnknown, Unauthorized, Unavailable
+from regmirror.mirror.cache import Cache, Mirrors, _read_limited
+from regmirror.storage.store import Store
+from regmirror.upstream.client import Upstream, parse_challenge
+from regmirror.upstream.credentials import Credential, CredentialError, Credentials
 
 T = SynchronousTestCase()
 

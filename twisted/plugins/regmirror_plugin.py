@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 regmirror = ServiceMaker(
     "regmirror",
-    "regmirror.service",
+    "regmirror.app.service",
     "A pull-through cache for container registries",
     "regmirror",
 )

@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 
-from regmirror.errors import Unauthorized
+from regmirror.domain.errors import Unauthorized
 from regmirror.logs import get_logger
 
 log = get_logger()

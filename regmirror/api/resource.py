@@ -28,21 +28,21 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from regmirror.auth import AccessRules, ClientAuth
-from regmirror.cache import Accept, Cache, CachedBlob, Manifest, Mirrors, PassThrough
+from regmirror.api.auth import AccessRules, ClientAuth
 from regmirror.config import Limits
-from regmirror.digest import Digest
-from regmirror.errors import (
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import (
     Denied,
     PaginationInvalid,
     RegistryError,
     Unsupported,
 )
-from regmirror.fetch import BlobFetch
-from regmirror.limits import LimitedChannel, StallTimer
+from regmirror.domain.names import parse_reference, validate_name
+from regmirror.domain.ranges import Unsatisfiable, parse_range
+from regmirror.fetch.blobfetch import BlobFetch
+from regmirror.http.limits import LimitedChannel, StallTimer
 from regmirror.logs import get_logger
-from regmirror.names import parse_reference, validate_name
-from regmirror.ranges import Unsatisfiable, parse_range
+from regmirror.mirror.cache import Accept, Cache, CachedBlob, Manifest, Mirrors, PassThrough
 from twisted import copyright
 
 log = get_logger()

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 from regmirror.config import Limits
-from regmirror.errors import RegistryError
+from regmirror.domain.errors import RegistryError
 from regmirror.logs import get_logger
 
 log = get_logger()

@@ -10,16 +10,16 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
 from regmirror import logs
-from regmirror.cache import Cache, Mirrors, Shared
+from regmirror.api.metrics import metrics_resource
+from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
-from regmirror.credentials import Credentials
-from regmirror.fetch import threaded_writers
-from regmirror.front import add_listener, check_files
-from regmirror.metrics import metrics_resource
-from regmirror.reaper import Reaper
-from regmirror.store import Store
-from regmirror.tls import ServerTLS, upstream_trust_root
-from regmirror.upstream import Upstream
+from regmirror.expiry.reaper import Reaper
+from regmirror.fetch.blobfetch import threaded_writers
+from regmirror.http.tls import ServerTLS, upstream_trust_root
+from regmirror.mirror.cache import Cache, Mirrors, Shared
+from regmirror.storage.store import Store
+from regmirror.upstream.client import Upstream
+from regmirror.upstream.credentials import Credentials
 
 log = logs.get_logger()
 

@@ -24,8 +24,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 
 from regmirror.config import UpstreamConfig
-from regmirror.credentials import Credential, CredentialError, Credentials
-from regmirror.errors import (
+from regmirror.domain.errors import (
     BlobUnknown,
     Denied,
     ManifestUnknown,
@@ -35,8 +34,9 @@ from regmirror.errors import (
     Unauthorized,
     Unavailable,
 )
+from regmirror.domain.names import normalize_docker_hub
 from regmirror.logs import get_logger
-from regmirror.names import normalize_docker_hub
+from regmirror.upstream.credentials import Credential, CredentialError, Credentials
 
 log = get_logger()
 

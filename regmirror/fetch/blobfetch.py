@@ -4,7 +4,7 @@ The bytes are appended to a temporary file and hashed as they arrive, by a
 ``DiskWriter``: in production a thread per fetch (``ThreadedWriter``: ``os.write`` and
 sha256 release the GIL, so the reactor keeps moving bytes while the other core hashes),
 in unit tests inline (``InlineWriter``). Readers follow the growing file at their own
-pace (``regmirror.web.BlobSender``), so a slow reader never slows the download or the
+pace (``regmirror.api.resource.BlobSender``), so a slow reader never slows the download or the
 other readers, and memory stays bounded: when the writer falls behind, the upstream
 connection is paused.
 
@@ -26,9 +26,9 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 
-from regmirror.digest import Digest
+from regmirror.domain.digest import Digest
 from regmirror.logs import get_logger
-from regmirror.store import Store, is_disk_full
+from regmirror.storage.store import Store, is_disk_full
 
 log = get_logger()
 
@@ -53,7 +53,7 @@ class DigestMismatch(FetchFailed):
 
 
 class Follower(Protocol):
-    """A reader of a fetch in flight (``regmirror.web.BlobSender``)."""
+    """A reader of a fetch in flight (``regmirror.api.resource.BlobSender``)."""
 
     def fetch_data(self, offset: int, data: bytes) -> None:
         """Bytes ``[offset, offset+len(data))`` just arrived from upstream (not yet

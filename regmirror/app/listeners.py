@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from regmirror.auth import (
+from regmirror.api.auth import (
     AccessRules,
     ClientAuth,
     Htpasswd,
@@ -25,10 +25,10 @@ from regmirror.auth import (
     check_password,
     parse_htpasswd,
 )
-from regmirror.cache import Cache, Mirrors
+from regmirror.api.resource import RegistrySite, make_site
 from regmirror.config import Config, ConfigError
-from regmirror.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
-from regmirror.web import RegistrySite, make_site
+from regmirror.http.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
+from regmirror.mirror.cache import Cache, Mirrors
 
 AUTH_THREADS = 2
 

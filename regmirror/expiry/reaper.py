@@ -35,9 +35,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
-from regmirror.digest import Digest
+from regmirror.domain.digest import Digest
 from regmirror.logs import get_logger
-from regmirror.store import Store
+from regmirror.storage.store import Store
 
 log = get_logger()
 

@@ -24,21 +24,21 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from regmirror.digest import Digest
-from regmirror.errors import (
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
     Unavailable,
 )
-from regmirror.fetch import BlobFetch, DigestMismatch, InlineWriter, State, WriterFactory
+from regmirror.domain.names import DOCKER_HUB_HOSTS, is_well_known_registry
+from regmirror.expiry.reaper import BLOB, MANIFEST, Reaper, manifest_references
+from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, InlineWriter, State, WriterFactory
+from regmirror.fetch.singleflight import SingleFlight
 from regmirror.logs import get_logger
-from regmirror.names import DOCKER_HUB_HOSTS, is_well_known_registry
-from regmirror.reaper import BLOB, MANIFEST, Reaper, manifest_references
-from regmirror.singleflight import SingleFlight
-from regmirror.store import Store, is_disk_full
-from regmirror.upstream import Upstream
+from regmirror.storage.store import Store, is_disk_full
+from regmirror.upstream.client import Upstream
 
 log = get_logger()
 

@@ -18,8 +18,8 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from regmirror.cache import Mirrors
-from regmirror.reaper import Reaper
+from regmirror.expiry.reaper import Reaper
+from regmirror.mirror.cache import Mirrors
 
 
 class MirrorCollector(Collector):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from regmirror.errors import RangeInvalid
+from regmirror.domain.errors import RangeInvalid
 
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*\Z")
 

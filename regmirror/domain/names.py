@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from regmirror.digest import Digest
-from regmirror.errors import NameInvalid, TagInvalid
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import NameInvalid, TagInvalid
 
 # distribution/reference grammar: path components separated by "/".
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*\Z")

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from regmirror.digest import Digest
+from regmirror.domain.digest import Digest
 from regmirror.logs import get_logger
 
 log = get_logger()

@@ -7,7 +7,7 @@ import re
 
 import attrs
 
-from regmirror.errors import DigestInvalid
+from regmirror.domain.errors import DigestInvalid
 
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-f]+\Z")
