@@ -42,7 +42,8 @@ from regmirror.domain.ranges import Unsatisfiable, parse_range
 from regmirror.fetch.blobfetch import BlobFetch
 from regmirror.http.limits import LimitedChannel, StallTimer
 from regmirror.logs import get_logger
-from regmirror.mirror.cache import Accept, Cache, CachedBlob, Manifest, Mirrors, PassThrough
+from regmirror.mirror.cache import Accept, Cache, Manifest, Mirrors
+from regmirror.mirror.sources import CommittedBlob, FollowedFetch, PassThrough
 from twisted import copyright
 
 log = get_logger()
@@ -305,18 +306,17 @@ class RegistryAPI(Resource):
             request.setHeader(b"content-length", b"%d" % size)
             request.finish()
             return
-        source = await cache.blob(name, digest)
-        if isinstance(source, PassThrough):
-            self._blob_headers(request, digest, source.size)
-            request.setHeader(b"content-length", b"%d" % source.size)
-            source.response.deliverBody(_PassThroughBody(request, digest, source.size))
-            return
-        if isinstance(source, CachedBlob):
-            fd, size, fetch, release = source.fd, source.size, None, source.release
-        else:
-            fetch, fd, release = source
-            assert fetch.size is not None
-            size = fetch.size
+        fetch: BlobFetch | None = None
+        match await cache.blob(name, digest):
+            case PassThrough(response=response, size=size):
+                self._blob_headers(request, digest, size)
+                request.setHeader(b"content-length", b"%d" % size)
+                response.deliverBody(_PassThroughBody(request, digest, size))
+                return
+            case CommittedBlob(fd=fd, size=size, release=release):
+                pass
+            case FollowedFetch(fetch=fetch, fd=fd, size=size, release=release):
+                pass
         try:
             self._blob_headers(request, digest, size)
             first, last = 0, size - 1

@@ -37,6 +37,7 @@ from regmirror.expiry.reaper import BLOB, MANIFEST, Reaper, manifest_references
 from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, InlineWriter, State, WriterFactory
 from regmirror.fetch.singleflight import SingleFlight
 from regmirror.logs import get_logger
+from regmirror.mirror.sources import BlobSource, CommittedBlob, FollowedFetch, PassThrough
 from regmirror.storage.store import Store, is_disk_full
 from regmirror.upstream.client import Upstream
 
@@ -101,24 +102,6 @@ class TagState:
     checked: dict[str, float] = attrs.Factory(dict)  # media type -> when
 
 
-@attrs.frozen
-class CachedBlob:
-    """A committed blob: an open descriptor and its size; ``release`` when done."""
-
-    fd: int
-    size: int
-    release: Callable[[], None] = lambda: None
-
-
-@attrs.frozen
-class PassThrough:
-    """An upstream response for a blob too large to cache: streamed to one client."""
-
-    response: _Response
-    digest: Digest
-    size: int
-
-
 class _TooBig(Exception):
     pass
 
@@ -181,9 +164,7 @@ class Cache:
 
     # -- blobs -----------------------------------------------------------------------
 
-    async def blob(
-        self, name: str, digest: Digest
-    ) -> CachedBlob | tuple[BlobFetch, int, Callable[[], None]] | PassThrough:
+    async def blob(self, name: str, digest: Digest) -> BlobSource:
         """The blob from disk, or the fetch in flight that is downloading it (with a
         descriptor of its temporary file), or, for a blob that cannot fit in the quota,
         an upstream response to pass through. Call the ``release`` given when done."""
@@ -206,7 +187,7 @@ class Cache:
             except FileNotFoundError:
                 pass  # committed, or failed, in the meantime
             else:
-                return fetch, fd, self._reading(str(digest))
+                return FollowedFetch(fetch, fd, fetch.size, self._reading(str(digest)))
         if fetch.state is not State.COMMITTED and not fetch.failed:
             # The upstream did not say how long the blob is: serve it once verified.
             await fetch.when_committed()
@@ -218,14 +199,14 @@ class Cache:
             )
         return cached
 
-    def _open_cached(self, digest: Digest) -> CachedBlob | None:
+    def _open_cached(self, digest: Digest) -> CommittedBlob | None:
         opened = self.store.open_blob(digest)
         if opened is None:
             return None
         key = str(digest)
         if self.reaper is not None:
             self.reaper.used(key)
-        return CachedBlob(*opened, release=self._reading(key))
+        return CommittedBlob(*opened, release=self._reading(key))
 
     def _reading(self, key: str) -> Callable[[], None]:
         """Count a reader of ``key`` (never evicted while read) until released."""

@@ -1,0 +1,50 @@
+"""What the mirror tells the expiry layer: the seam between them.
+
+The mirror records use and additions, and reserves room for fetches in flight; it
+never sees the reaper's heap, ledger or state. ``NoUsage`` is the implementation for a
+mirror without expiry (unit tests, ``proxy.ttl: 0`` with no quota still uses the
+reaper), so the mirror never checks for a missing reaper.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from regmirror.domain.digest import Digest
+from regmirror.domain.kinds import Kind
+
+
+class Usage(Protocol):
+    def used(self, digest: Digest) -> None:
+        """A client was served ``digest`` (its expiry moves)."""
+
+    def added(self, kind: Kind, digest: Digest, size: int, refs: tuple[Digest, ...] = ()) -> None:
+        """Verified content was committed (a manifest with what it references)."""
+
+    def reserve(self, digest: Digest, size: int) -> bool:
+        """Count a fetch in flight; False when it cannot fit even after eviction."""
+
+    def release(self, digest: Digest) -> None:
+        """The fetch of ``digest`` ended (committed or not)."""
+
+    def evict(self) -> object:
+        """Make room now (a full disk); returns when it is done, or at once."""
+
+
+class NoUsage:
+    """Usage that records nothing and fits everything."""
+
+    def used(self, digest: Digest) -> None:
+        pass
+
+    def added(self, kind: Kind, digest: Digest, size: int, refs: tuple[Digest, ...] = ()) -> None:
+        pass
+
+    def reserve(self, digest: Digest, size: int) -> bool:
+        return True
+
+    def release(self, digest: Digest) -> None:
+        pass
+
+    def evict(self) -> None:
+        pass
