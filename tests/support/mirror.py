@@ -51,6 +51,7 @@ class Mirror:
         upstream_url: str,
         *,
         port: int | None = None,
+        listen_ip: str = LOOPBACK,
         tag_freshness: str | float = "30s",
         log_level: str = "debug",
         extra: Mapping[str, Any] | None = None,
@@ -64,6 +65,9 @@ class Mirror:
         self.base_dir = Path(base_dir)
         self.upstream_url = upstream_url.rstrip("/")
         self.port = port or free_port()
+        # The address it listens on: 127.0.0.1, or ``::1`` (then ``url`` is
+        # ``http://[::1]:PORT``); ``port`` must be free there.
+        self.listen_ip = listen_ip
         self.tag_freshness = tag_freshness
         self.log_level = log_level
         self.extra = dict(extra or {})
@@ -90,12 +94,13 @@ class Mirror:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def host(self) -> str:
-        """``127.0.0.1:PORT``, the registry part of an image reference."""
-        return f"{LOOPBACK}:{self.port}"
+        """``127.0.0.1:PORT`` (``[::1]:PORT``), the registry part of an image reference."""
+        ip = f"[{self.listen_ip}]" if ":" in self.listen_ip else self.listen_ip
+        return f"{ip}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -115,7 +120,7 @@ class Mirror:
         config: dict[str, Any] = {
             "version": 0.1,
             "log": {"level": self.log_level},
-            "http": {"addr": f"{LOOPBACK}:{self.port}"},
+            "http": {"addr": self.host},
             "storage": {"filesystem": {"rootdirectory": str(self.root)}},
             "proxy": {"remoteurl": self.upstream_url},
             "regmirror": {"tag_freshness": self.tag_freshness},
