@@ -32,6 +32,7 @@ from regmirror.domain.errors import (
     RegistryError,
     Unavailable,
 )
+from regmirror.domain.kinds import Kind
 from regmirror.domain.names import DOCKER_HUB_HOSTS, is_well_known_registry
 from regmirror.expiry.reaper import BLOB, MANIFEST, Reaper, manifest_references
 from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, InlineWriter, State, WriterFactory
@@ -238,9 +239,7 @@ class Cache:
         key = str(digest)
         if (repository, kind) in self._links.get(key, ()):
             return True
-        directory = "_manifests" if kind == MANIFEST else "_layers"
-        path = self.store.repo_dir(self.upstream.name, repository) / directory
-        if (path / digest.algorithm / digest.hex).exists():
+        if self.store.has_link(self.upstream.name, repository, digest, Kind(kind)):
             self._links.setdefault(key, set()).add((repository, kind))
             return True
         return False

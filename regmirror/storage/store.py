@@ -4,13 +4,19 @@ Layout (DESIGN.md)::
 
     ROOT/blobs/sha256/ab/abcdef...          verified content (blobs and manifests)
     ROOT/blobs/sha256/ab/abcdef....type     a manifest's media type, beside it
-    ROOT/repositories/UPSTREAM/NAME/...     tags, per-repository links, tag lists
+    ROOT/repositories/UP/NAME/_manifests/sha256/<hex>   the repository references it
+    ROOT/repositories/UP/NAME/_layers/sha256/<hex>      a blob was fetched for it
+    ROOT/repositories/UP/NAME/_tags/<tag>.json          media type -> digest
+    ROOT/repositories/UP/NAME/_taglist.json             the last full tag list seen
     ROOT/_tmp/                              in-flight downloads (swept at start-up)
-    ROOT/_state/                            reaper and usage state
+    ROOT/_state/reaper.sqlite3              the reaper's ledger
+
+No other module builds a path in it: the reaper asks for a ``scan`` and for ``remove``,
+the mirror for ``has_link``.
 
 Every path is built from names and digests that were validated before they got here
-(``regmirror.names``, ``regmirror.digest``); content becomes visible only by ``rename``
-from ``_tmp`` (same file system), after its digest matched.
+(``regmirror.domain.names``, ``regmirror.domain.digest``); content becomes visible only
+by ``rename`` from ``_tmp`` (same file system), after its digest matched.
 """
 
 from __future__ import annotations
@@ -19,21 +25,39 @@ import errno
 import json
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from regmirror.domain.digest import Digest
+from regmirror.domain.errors import DigestInvalid
+from regmirror.domain.kinds import Kind
+from regmirror.domain.references import manifest_references
 from regmirror.logs import get_logger
 
 log = get_logger()
+
+_LINKS = {Kind.MANIFEST: "_manifests", Kind.BLOB: "_layers"}  # per-repository links
+_TAGS = "_tags"
 
 
 @attrs.frozen
 class TempFile:
     fd: int
     path: Path
+
+
+@attrs.frozen
+class Stored:
+    """Verified content found on disk by ``Store.scan``."""
+
+    digest: Digest
+    kind: Kind
+    size: int
+    mtime: float
+    refs: tuple[Digest, ...] = ()  # what a manifest references
 
 
 class Store:
@@ -46,6 +70,7 @@ class Store:
         self.repositories = self.root / "repositories"
         self.tmp = self.root / "_tmp"
         self.state = self.root / "_state"
+        self.reaper_state = self.state / "reaper.sqlite3"
 
     def prepare(self) -> int:
         """Create the directories and sweep the leftovers of a crash; returns files swept."""
@@ -130,30 +155,37 @@ class Store:
     def repo_dir(self, upstream: str, name: str) -> Path:
         return self.repositories / upstream / name
 
+    def _link_path(self, upstream: str, name: str, digest: Digest, kind: Kind) -> Path:
+        return self.repo_dir(upstream, name) / _LINKS[kind] / digest.algorithm / digest.hex
+
+    def _tag_path(self, upstream: str, name: str, tag: str) -> Path:
+        return self.repo_dir(upstream, name) / _TAGS / f"{tag}.json"
+
     def link_manifest(self, upstream: str, name: str, digest: Digest) -> None:
-        self._touch(self.repo_dir(upstream, name) / "_manifests" / digest.algorithm / digest.hex)
+        self._touch(self._link_path(upstream, name, digest, Kind.MANIFEST))
 
     def link_blob(self, upstream: str, name: str, digest: Digest) -> None:
-        self._touch(self.repo_dir(upstream, name) / "_layers" / digest.algorithm / digest.hex)
+        self._touch(self._link_path(upstream, name, digest, Kind.BLOB))
+
+    def has_link(self, upstream: str, name: str, digest: Digest, kind: Kind) -> bool:
+        """Whether the repository is known to reference ``digest`` (a link was made)."""
+        return self._link_path(upstream, name, digest, kind).exists()
 
     def read_tag(self, upstream: str, name: str, tag: str) -> dict[str, str]:
         """The digests last seen for a tag, per manifest media type."""
-        data = self._read_json(self.repo_dir(upstream, name) / "_tags" / f"{tag}.json")
+        data = self._read_json(self._tag_path(upstream, name, tag))
         variants = data.get("variants") if isinstance(data, dict) else None
         if not isinstance(variants, dict):
             return {}
         return {str(k): str(v) for k, v in variants.items()}
 
     def write_tag(self, upstream: str, name: str, tag: str, variants: dict[str, str]) -> None:
-        path = self.repo_dir(upstream, name) / "_tags" / f"{tag}.json"
+        path = self._tag_path(upstream, name, tag)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_atomic(path, json.dumps({"variants": variants}).encode())
 
     def delete_tag(self, upstream: str, name: str, tag: str) -> None:
-        try:
-            os.unlink(self.repo_dir(upstream, name) / "_tags" / f"{tag}.json")
-        except FileNotFoundError:
-            pass
+        self.discard(self._tag_path(upstream, name, tag))
 
     def read_tag_list(self, upstream: str, name: str) -> list[str] | None:
         data = self._read_json(self.repo_dir(upstream, name) / "_taglist.json")
@@ -172,10 +204,75 @@ class Store:
         base = self.repositories / upstream
         names = []
         for dirpath, dirnames, _ in os.walk(base):
-            if "_manifests" in dirnames:
+            if _LINKS[Kind.MANIFEST] in dirnames:
                 names.append(os.path.relpath(dirpath, base))
             dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         return sorted(names)
+
+    # -- what the reaper needs: everything there is, and removing it ----------------
+
+    def scan(self) -> list[Stored]:
+        """Every verified blob and manifest (a directory walk: call it in a thread)."""
+        found = []
+        for algorithm_dir in _dirs(self.blobs):
+            algorithm = os.path.basename(algorithm_dir)
+            for prefix_dir in _dirs(algorithm_dir):
+                for entry in os.scandir(prefix_dir):
+                    if "." in entry.name or not entry.is_file():
+                        continue
+                    try:
+                        digest = Digest.parse(f"{algorithm}:{entry.name}")
+                    except DigestInvalid:
+                        continue  # not ours
+                    stat = entry.stat()
+                    if os.path.exists(entry.path + ".type"):
+                        try:
+                            with open(entry.path, "rb") as f:
+                                refs = manifest_references(f.read())
+                        except OSError:
+                            refs = ()
+                        found.append(
+                            Stored(digest, Kind.MANIFEST, stat.st_size, stat.st_mtime, refs)
+                        )
+                    else:
+                        found.append(Stored(digest, Kind.BLOB, stat.st_size, stat.st_mtime))
+        return found
+
+    def remove(self, digests: Iterable[Digest]) -> int:
+        """Delete content, with the tags that resolve to it and the repository links to
+        it (a directory walk: call it in a thread). Returns the bytes freed."""
+        freed = 0
+        gone = set(digests)
+        for digest in gone:
+            path = self.blob_path(digest)
+            try:
+                freed += path.stat().st_size
+            except FileNotFoundError:
+                pass
+            self.discard(path)
+            self.discard(path.with_name(path.name + ".type"))
+        if gone:
+            self._unlink_references(gone)
+        return freed
+
+    def _unlink_references(self, gone: set[Digest]) -> None:
+        texts = {str(d) for d in gone}
+        link_dirs = set(_LINKS.values())
+        for dirpath, _, filenames in os.walk(self.repositories):
+            base = os.path.basename(dirpath)
+            if base == _TAGS:
+                for name in filenames:
+                    path = Path(dirpath, name)
+                    try:
+                        variants = json.loads(path.read_bytes()).get("variants", {})
+                        if any(v in texts for v in variants.values()):
+                            self.discard(path)
+                    except (OSError, ValueError, AttributeError):
+                        continue  # gone, or damaged: never served as a tag either
+            elif os.path.basename(os.path.dirname(dirpath)) in link_dirs:
+                for name in filenames:
+                    if Digest(base, name) in gone:
+                        self.discard(Path(dirpath, name))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -204,6 +301,13 @@ class Store:
         except BaseException:
             self.discard(temp.path)
             raise
+
+
+def _dirs(path: Path | str) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(path) if e.is_dir()]
+    except FileNotFoundError:
+        return []
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from regmirror.domain.digest import Digest
-from regmirror.storage.store import Store
+from regmirror.domain.kinds import Kind
+from regmirror.storage.store import Store, Stored
 
 
 def test_temp_files_are_invisible_until_committed(tmp_path: Path) -> None:
@@ -71,3 +73,53 @@ def test_tags_tag_lists_and_catalog(tmp_path: Path) -> None:
     assert store.read_tag_list("up", "team/app") == ["1.0", "2.0"]
     (store.repo_dir("up", "team/app") / "_taglist.json").write_text("{broken")
     assert store.read_tag_list("up", "team/app") is None
+
+
+def test_repository_links_are_per_repository_and_kind(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    digest = Digest.of(b"layer")
+    assert not store.has_link("up", "team/app", digest, Kind.BLOB)
+    store.link_blob("up", "team/app", digest)
+    assert store.has_link("up", "team/app", digest, Kind.BLOB)
+    assert not store.has_link("up", "team/app", digest, Kind.MANIFEST)
+    assert not store.has_link("up", "team/other", digest, Kind.BLOB)
+    assert not store.has_link("other", "team/app", digest, Kind.BLOB)
+
+
+def test_scan_finds_blobs_and_manifests_with_what_they_reference(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    blob = Digest.of(b"layer")
+    store.blob_path(blob).parent.mkdir(parents=True)
+    store.blob_path(blob).write_bytes(b"layer")
+    data = json.dumps({"config": {"digest": str(blob)}, "layers": []}).encode()
+    manifest = Digest.of(data)
+    store.write_manifest(manifest, data, "application/vnd.oci.image.manifest.v1+json")
+    os.close(store.new_temp().fd)  # in flight: not content
+    found = {s.digest: s for s in store.scan()}
+    assert set(found) == {blob, manifest}
+    assert found[blob] == Stored(blob, Kind.BLOB, 5, found[blob].mtime)
+    assert found[manifest].kind is Kind.MANIFEST
+    assert found[manifest].size == len(data)
+    assert found[manifest].refs == (blob,)
+
+
+def test_removed_content_takes_its_tags_and_repository_links(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    gone_data, kept_data = b'{"schemaVersion":2,"n":1}', b'{"schemaVersion":2,"n":2}'
+    gone, kept = Digest.of(gone_data), Digest.of(kept_data)
+    for digest, data in ((gone, gone_data), (kept, kept_data)):
+        store.write_manifest(digest, data, "application/json")
+        store.link_manifest("up", "a", digest)
+    store.write_tag("up", "a", "old", {"application/json": str(gone)})
+    store.write_tag("up", "a", "new", {"application/json": str(kept)})
+    assert store.remove([gone]) == len(gone_data)
+    assert store.read_manifest(gone) is None
+    assert not store.has_link("up", "a", gone, Kind.MANIFEST)
+    assert store.read_tag("up", "a", "old") == {}
+    assert store.read_manifest(kept) == (kept_data, "application/json")
+    assert store.has_link("up", "a", kept, Kind.MANIFEST)
+    assert store.read_tag("up", "a", "new") == {"application/json": str(kept)}
+    assert store.remove([gone]) == 0
