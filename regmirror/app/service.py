@@ -13,6 +13,7 @@ from regmirror import logs
 from regmirror.api.metrics import metrics_resource
 from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
+from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
 from regmirror.fetch.blobfetch import threaded_writers
 from regmirror.http.tls import ServerTLS, upstream_trust_root
@@ -57,15 +58,22 @@ def build(
     run_in_thread = lambda f, *a: deferToThreadPool(  # noqa: E731
         reactor, reactor.getThreadPool(), f, *a
     )
-    reaper = Reaper(
+    ledger = Ledger(
         reactor,
-        store,
         ttl=config.ttl,
-        interval=config.reaper_interval,
         max_size=config.max_size,
         high=config.high_watermark,
         low=config.low_watermark,
+    )
+    # Until the mirror takes the ledger (usage=ledger), the reaper is built first.
+    reaper = Reaper(
+        reactor,
+        store,
+        ledger,
+        interval=config.reaper_interval,
         run_in_thread=run_in_thread,
+        in_use=lambda digest: mirrors.in_use(str(digest)),
+        on_removed=lambda kind, digest: mirrors.forget(kind, str(digest)),
     )
     shared = Shared(config.manifest_cache_size, config.max_upstream_fetches)
     trust_root = upstream_trust_root(config.upstream_ca)
@@ -102,8 +110,6 @@ def build(
         )
     mirrors = Mirrors(caches, single=config.single_upstream)
     cache = mirrors.default
-    reaper.in_use = mirrors.in_use
-    reaper.forget = mirrors.forget
     top = service.MultiService()
     reaper.setServiceParent(top)
     site = add_listener(top, config, mirrors, reactor, tls)

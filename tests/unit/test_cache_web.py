@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from regmirror.api.resource import make_root
 from regmirror.config import UpstreamConfig
 from regmirror.domain.digest import Digest
+from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
 from regmirror.mirror.cache import Cache, Shared
 from regmirror.storage.store import Store
@@ -57,13 +58,14 @@ class Harness:
         )
         self.store = Store(tmp_path)
         self.store.prepare()
+        self.ledger = Ledger(self.clock, ttl=0, max_size=max_size, wall_clock=self.clock.seconds)
         self.reaper = Reaper(
             self.clock,
             self.store,
-            ttl=0,
-            max_size=max_size,
+            self.ledger,
             run_in_thread=lambda f, *a: maybeDeferred(f, *a),
-            wall_clock=self.clock.seconds,
+            in_use=lambda digest: self.cache.in_use(str(digest)),
+            on_removed=lambda kind, digest: self.cache.forget(kind, str(digest)),
         )
         self.reaper.load()
         self.cache = Cache(
@@ -82,8 +84,6 @@ class Harness:
             reaper=self.reaper,
             shared=Shared(max_fetches=max_fetches),
         )
-        self.reaper.in_use = self.cache.in_use
-        self.reaper.forget = self.cache.forget
         self.root: Resource = make_root(self.cache)
         self.client = StubTreq(self.root)
 
@@ -392,11 +392,11 @@ def test_cached_content_is_recorded_and_used_for_the_reaper(h: Harness) -> None:
     manifest = h.manifest("a", "1")
     h.request("GET", f"/v2/a/blobs/{digest}")
     h.request("GET", "/v2/a/manifests/1")
-    assert h.reaper.entries[digest].size == 5000
-    assert h.reaper.entries[manifest].kind == "manifest"
+    assert h.reaper.entries[Digest.parse(digest)].size == 5000
+    assert h.reaper.entries[Digest.parse(manifest)].kind == "manifest"
     h.clock.advance(100)
     h.request("GET", f"/v2/a/blobs/{digest}")
-    assert h.reaper.entries[digest].last_used == 100
+    assert h.reaper.entries[Digest.parse(digest)].last_used == 100
     assert not h.cache.in_use(digest)  # the reader released it
 
 
