@@ -1,0 +1,100 @@
+"""The validated configuration: frozen attrs classes, built by ``regmirror.config.load``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+
+@attrs.frozen
+class UpstreamConfig:
+    name: str
+    url: str
+    username: str
+    password: str = attrs.field(repr=False)
+    docker_hub: bool
+    aliases: tuple[str, ...] = ()
+    tag_freshness: float | None = None  # None: regmirror.tag_freshness
+    password_env: str = ""
+    password_file: str = ""
+    helper_command: str = ""
+    helper_lifetime: float = 300.0
+    docker_config: str = ""
+
+
+@attrs.frozen
+class TLSConfig:
+    """``http.tls``: PEM files (the certificate file may hold the full chain)."""
+
+    certificate: str
+    key: str
+    clientcas: tuple[str, ...] = ()
+    minimum: str = "tls1.2"
+
+
+@attrs.frozen
+class AuthConfig:
+    """``auth.htpasswd`` and ``auth.anonymous``."""
+
+    htpasswd: str
+    realm: str
+    anonymous_read: bool = False
+
+
+@attrs.frozen
+class AccessConfig:
+    """``regmirror.access``: repository patterns (fnmatch) allowed and denied."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Limits:
+    """What one client may ask of the listener."""
+
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    max_header_size: int = 16 * 1024
+    max_headers: int = 100
+    max_url_length: int = 8 * 1024
+
+
+@attrs.frozen
+class Config:
+    source: str
+    listen: str
+    root: Path
+    upstreams: tuple[UpstreamConfig, ...]  # the default first
+    ttl: float
+    tag_freshness: float
+    log_level: str
+    tls: TLSConfig | None
+    auth: AuthConfig | None
+    access: AccessConfig
+    limits: Limits
+    access_log: bool
+    fsync: bool
+    manifest_cache_size: int
+    max_manifest_size: int
+    upstream_ca: str
+    connect_timeout: float
+    read_timeout: float
+    upstream_header_timeout: float = 15.0  # request sent -> response headers
+    # Only proxy.remoteurl, no regmirror.upstreams: ?ns= is routed as registry:2 does
+    single_upstream: bool = False
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    max_upstream_fetches: int = 64
+    metrics_path: str = "/metrics"
+    reaper_interval: float = 60.0
+    max_size: int = 0
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """The default upstream."""
+        return self.upstreams[0]

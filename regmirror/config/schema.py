@@ -1,0 +1,126 @@
+"""Which keys the configuration has: regmirror's (each with its parser and default) and
+those of the distribution registry's format that are accepted but not implemented."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from regmirror.config.parsers import (
+    boolean,
+    choice,
+    count,
+    credential_helper,
+    fraction,
+    metrics_path,
+    parse_duration,
+    parse_size,
+    registry_name,
+    string,
+    strings,
+    tls_version,
+    url,
+)
+
+UPSTREAM_KEYS: dict[str, Callable[[object], Any]] = {
+    "name": registry_name,
+    "url": url,
+    "aliases": lambda v: tuple(registry_name(a) for a in strings(v)),
+    "username": string,
+    "password": string,
+    "password_env": string,
+    "password_file": string,
+    "tag_freshness": parse_duration,
+    "default": boolean,
+    "docker_config": string,
+    "credential_helper": credential_helper,
+}
+
+
+def upstream_list(value: object) -> tuple[dict[str, Any], ...]:
+    """``regmirror.upstreams``: a list of mappings, checked key by key."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list of upstreams")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"[{i}]: expected a mapping with name and url")
+        entry: dict[str, Any] = {}
+        for key, raw in item.items():
+            parser = UPSTREAM_KEYS.get(key)
+            if parser is None:
+                raise ValueError(f"[{i}].{key}: unknown key")
+            try:
+                entry[key] = parser(raw)
+            except ValueError as e:
+                raise ValueError(f"[{i}].{key}: {e}") from None
+        if "name" not in entry:
+            raise ValueError(f"[{i}]: an upstream needs a name")
+        out.append(entry)
+    return tuple(out)
+
+
+# The keys regmirror implements: dotted path -> (parser, default). These defaults are
+# the embedded default configuration; etc/config.yml spells them out (a test checks).
+SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
+    "version": (string, "0.1"),
+    "log.level": (choice("debug", "info", "warn", "error"), "info"),
+    "http.addr": (string, ":5000"),
+    "http.net": (choice("tcp", "unix"), "tcp"),
+    "storage.filesystem.rootdirectory": (string, "./data"),
+    "proxy.remoteurl": (url, "https://registry-1.docker.io"),
+    "proxy.username": (string, ""),
+    "proxy.password": (string, ""),
+    "proxy.ttl": (parse_duration, 168 * 3600.0),
+    "http.tls.certificate": (string, ""),
+    "http.tls.key": (string, ""),
+    "http.tls.clientcas": (strings, ()),
+    "http.tls.minimumtls": (tls_version, "tls1.2"),
+    "auth.htpasswd.path": (string, ""),
+    "auth.htpasswd.realm": (string, "regmirror"),
+    "auth.anonymous": (choice("none", "read"), "none"),
+    # regmirror's own extensions
+    "regmirror.tag_freshness": (parse_duration, 30.0),
+    "regmirror.access_log": (boolean, True),
+    "regmirror.fsync": (boolean, True),
+    "regmirror.access.allow": (strings, ()),
+    "regmirror.access.deny": (strings, ()),
+    "regmirror.idle_timeout": (parse_duration, 60.0),
+    "regmirror.header_timeout": (parse_duration, 30.0),
+    "regmirror.max_header_size": (parse_size, 16 * 1024),
+    "regmirror.max_headers": (count, 100),
+    "regmirror.max_url_length": (parse_size, 8 * 1024),
+    "regmirror.manifest_cache_size": (parse_size, 64 * 1024 * 1024),
+    "regmirror.max_manifest_size": (parse_size, 4 * 1024 * 1024),
+    "regmirror.upstream_ca": (string, ""),
+    "regmirror.upstream_connect_timeout": (parse_duration, 10.0),
+    "regmirror.upstream_read_timeout": (parse_duration, 60.0),
+    "regmirror.upstream_header_timeout": (parse_duration, 15.0),
+    "regmirror.upstream_name": (string, ""),
+    "regmirror.upstreams": (upstream_list, ()),
+    "regmirror.upstream_failures": (count, 5),
+    "regmirror.max_upstream_fetches": (count, 64),
+    "regmirror.upstream_cooldown": (parse_duration, 30.0),
+    "regmirror.metrics_path": (metrics_path, "/metrics"),
+    "regmirror.reaper_interval": (parse_duration, 60.0),
+    "regmirror.max_size": (parse_size, 0),
+    "regmirror.high_watermark": (fraction, 0.95),
+    "regmirror.low_watermark": (fraction, 0.85),
+}
+
+# Sections and keys of the distribution registry's format that regmirror accepts but
+# does not implement: a mapping under any of these paths is accepted with a warning.
+DISTRIBUTION_KEYS = frozenset(
+    {
+        "log.accesslog", "log.fields", "log.formatter", "log.hooks", "loglevel",
+        "storage.filesystem.maxthreads", "storage.delete", "storage.cache",
+        "storage.maintenance", "storage.redirect", "storage.tag", "storage.inmemory",
+        "storage.s3", "storage.azure", "storage.gcs", "storage.swift", "storage.oss",
+        "auth.token", "auth.silly", "auth.none",
+        "middleware", "reporting", "notifications", "redis", "health",
+        "compatibility", "validation", "policy", "catalog",
+        "http.prefix", "http.host", "http.secret", "http.relativeurls", "http.draintimeout",
+        "http.tls.letsencrypt", "http.tls.ciphersuites",
+        "http.debug", "http.headers", "http.http2", "http.h2c",
+    }
+)  # fmt: skip
