@@ -83,7 +83,7 @@ class Reaper(Service):
         self._loop: LoopingCall | None = None
         self._ticking = False
         self.stats = {"expired": 0, "evicted": 0, "freed": 0}
-        # Looked up at each request, so that a test may replace ``evict``.
+        # ``self.evict`` looked up at each request: replacing it replaces what is called.
         ledger.on_evict(lambda: self.evict())
 
     # -- what regmirror.api.metrics reads --------------------------------------------
@@ -250,10 +250,14 @@ class Reaper(Service):
         removed = []
         for digest in digests:
             entry = self.ledger.drop(digest)
-            if entry is not None:
+            if entry is None:
+                continue
+            removed.append((digest, entry))  # its files go, whatever the listener does
+            self.stats[why] += 1
+            try:
                 self._on_removed(entry.kind, digest)
-                removed.append((digest, entry))
-                self.stats[why] += 1
+            except Exception:
+                log.failure("forgetting {digest} failed", digest=str(digest))
         return removed
 
     async def _delete(self, digests: list[Digest]) -> None:

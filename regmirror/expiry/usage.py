@@ -1,9 +1,12 @@
 """What the mirror tells the expiry layer: the seam between them.
 
-The mirror records use and additions, and reserves room for fetches in flight; it
-never sees the reaper's heap, ledger or state. ``NoUsage`` is the implementation for a
-mirror without expiry (unit tests, ``proxy.ttl: 0`` with no quota still uses the
-reaper), so the mirror never checks for a missing reaper.
+The mirror records use and additions, reserves room for fetches in flight and asks for
+an eviction when the disk is full; it never sees the reaper's heap, entries or state.
+``regmirror.expiry.ledger.Ledger`` is the implementation a running mirror is given
+(always: with ``proxy.ttl: 0`` and no quota it still keeps the ledger, which then
+expires and evicts nothing). ``NoUsage`` is for a mirror built without an expiry layer
+at all, as some unit tests build it: it records nothing and fits everything, so the
+mirror never checks for a missing reaper.
 """
 
 from __future__ import annotations

@@ -247,3 +247,18 @@ def test_manifest_references_of_images_and_indexes() -> None:
     index = json.dumps({"manifests": [{"digest": str(a)}, {"digest": str(b)}]})
     assert manifest_references(index.encode()) == (a, b)
     assert manifest_references(b"not json") == ()
+
+
+def test_a_failing_removal_listener_still_lets_the_files_go(store: Store) -> None:
+    clock = Clock()
+
+    def on_removed(kind: Kind, digest: Digest) -> None:
+        raise RuntimeError("listener bug")
+
+    reaper = make_reaper(store, clock, on_removed=on_removed)
+    blob = put_blob(store, b"layer")
+    reaper.ledger.added(Kind.BLOB, blob, 5)
+    clock.advance(101)
+    reaper.tick()
+    assert not store.blob_path(blob).exists()
+    assert reaper.entries == {} and reaper.stats["expired"] == 1
