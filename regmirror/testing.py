@@ -1,18 +1,34 @@
-"""Test doubles shipped beside what they fake: an in-memory upstream registry.
+"""Test doubles shipped beside what they fake.
 
 ``FakeRegistry`` is a twisted.web Resource speaking the read side of the distribution
 API; wrap it in ``treq.testing.StubTreq`` and hand that to ``Upstream(client=...)`` to
-test the cache and the web layer without sockets.
+test the cache and the web layer without sockets. ``FakeInFlight`` and
+``FakeTagFreshness`` fake the seams ``regmirror.fetch.inflight.InFlight`` and
+``regmirror.mirror.freshness.TagFreshness`` (tests/unit/test_seams.py checks that they,
+and the local implementations, match their Protocols).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+
+from regmirror.domain.digest import Digest
+from regmirror.fetch.blobfetch import BlobFetch
+from regmirror.fetch.inflight import (
+    FailureReason,
+    FetchProgress,
+    InFlight,
+    Release,
+    StartFetch,
+    failure_reason,
+)
+from regmirror.mirror.freshness import TagFreshness, TagRef
 
 
 def digest_of(data: bytes) -> str:
@@ -121,3 +137,93 @@ class FakeRegistry(Resource):
         request.setHeader(b"docker-content-digest", digest_of(data).encode())
         request.setHeader(b"content-length", b"%d" % len(data))
         return b"" if request.method == b"HEAD" else data
+
+
+class FakeInFlight:
+    """``InFlight`` as simple as it gets, its state open to the test: no fetch slots
+    and no single flight (each ``join_or_start`` that finds no fetch running calls its
+    ``start``); ``started`` lists the fetches begun, ``running`` those in flight,
+    ``reads`` the readers now; the digests in ``held`` are in use as if read."""
+
+    def __init__(self) -> None:
+        self.held: set[Digest] = set()
+        self.started: list[Digest] = []
+        self.running: dict[Digest, BlobFetch] = {}
+        self.reads: dict[object, Digest] = {}  # one entry per reader
+        self.failed: Counter[FailureReason] = Counter()
+
+    def fetch(self, digest: Digest) -> BlobFetch | None:
+        return self.running.get(digest)
+
+    def active(self, digest: Digest) -> bool:
+        return digest in self.running
+
+    async def join_or_start(self, digest: Digest, start: StartFetch) -> BlobFetch:
+        if digest in self.running:
+            return self.running[digest]
+        self.started.append(digest)
+        return await start(_FakeLease(self))
+
+    def reading(self, digest: Digest) -> Release:
+        token = object()
+        self.reads[token] = digest
+
+        def release() -> None:
+            self.reads.pop(token, None)
+
+        return release
+
+    def in_use(self, digest: Digest) -> bool:
+        return digest in self.held or digest in self.running or digest in self.reads.values()
+
+    def failures(self) -> Mapping[FailureReason, int]:
+        return self.failed
+
+    def count(self) -> int:
+        return len(self.running)
+
+    def readers(self) -> int:
+        return len(self.reads)
+
+    def fetches(self) -> list[FetchProgress]:
+        readers = Counter(self.reads.values())
+        return [FetchProgress(d, f.received, f.size, readers[d]) for d, f in self.running.items()]
+
+
+class _FakeLease:
+    def __init__(self, owner: FakeInFlight) -> None:
+        self._owner = owner
+
+    def started(self, fetch: BlobFetch) -> None:
+        self._owner.running[fetch.digest] = fetch
+
+    def ended(self, fetch: BlobFetch) -> None:
+        self._owner.running.pop(fetch.digest, None)
+        reason = failure_reason(fetch)
+        if reason is not None:
+            self._owner.failed[reason] += 1
+
+
+class FakeTagFreshness:
+    """``TagFreshness`` that a test sets: a (tag, media type) is fresh while it is in
+    ``fresh_now``, whatever the window; ``checked`` records each check (and makes it
+    fresh), ``forget`` drops a tag."""
+
+    def __init__(self) -> None:
+        self.fresh_now: set[tuple[TagRef, str]] = set()
+        self.checks: list[tuple[TagRef, str, float]] = []
+
+    def fresh(self, tag: TagRef, media_type: str, window: float) -> bool:
+        return (tag, media_type) in self.fresh_now
+
+    def checked(self, tag: TagRef, media_type: str, when: float) -> None:
+        self.checks.append((tag, media_type, when))
+        self.fresh_now.add((tag, media_type))
+
+    def forget(self, tag: TagRef) -> None:
+        self.fresh_now = {(t, m) for t, m in self.fresh_now if t != tag}
+
+
+def _fakes_match_their_protocols() -> tuple[InFlight, TagFreshness]:
+    """Never called: mypy checks here that the fakes are what they fake."""
+    return FakeInFlight(), FakeTagFreshness()

@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from regmirror.expiry.reaper import Reaper
-from regmirror.mirror.cache import Mirrors
+from regmirror.mirror.mirrors import Mirrors
 
 
 class MirrorCollector(Collector):
@@ -89,22 +89,20 @@ class MirrorCollector(Collector):
             ns.add_metric([outcome], self._mirrors.stats.get(f"ns_{outcome}", 0))
         yield ns
 
-        shared = self._mirrors.default.shared
+        inflight = self._mirrors.inflight
         failures = CounterMetricFamily(
             "regmirror_fetch_failures",
             "Blob downloads that failed, by reason (digest: wrong bytes, discarded)",
             labels=["reason"],
         )
-        for reason, count in sorted(shared.failures.items()):
+        for reason, count in sorted(inflight.failures().items()):
             failures.add_metric([reason], count)
         yield failures
         yield GaugeMetricFamily(
-            "regmirror_fetches_in_flight", "Blob downloads in flight", value=len(shared.fetches)
+            "regmirror_fetches_in_flight", "Blob downloads in flight", value=inflight.count()
         )
         yield GaugeMetricFamily(
-            "regmirror_blob_readers",
-            "Clients reading blobs now",
-            value=sum(shared.readers.values()),
+            "regmirror_blob_readers", "Clients reading blobs now", value=inflight.readers()
         )
 
         reaper = self._reaper

@@ -37,12 +37,15 @@ from regmirror.domain.errors import (
     RegistryError,
     Unsupported,
 )
+from regmirror.domain.media import Accept
 from regmirror.domain.names import parse_reference, validate_name
 from regmirror.domain.ranges import Unsatisfiable, parse_range
 from regmirror.fetch.blobfetch import BlobFetch
 from regmirror.http.limits import LimitedChannel, StallTimer
 from regmirror.logs import get_logger
-from regmirror.mirror.cache import Accept, Cache, Manifest, Mirrors
+from regmirror.mirror.cache import Cache
+from regmirror.mirror.manifests import Manifest
+from regmirror.mirror.mirrors import Mirrors
 from regmirror.mirror.sources import CommittedBlob, FollowedFetch, PassThrough
 from twisted import copyright
 

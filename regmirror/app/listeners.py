@@ -28,7 +28,8 @@ from regmirror.api.auth import (
 from regmirror.api.resource import RegistrySite, make_site
 from regmirror.config import Config, ConfigError
 from regmirror.http.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
-from regmirror.mirror.cache import Cache, Mirrors
+from regmirror.mirror.cache import Cache
+from regmirror.mirror.mirrors import Mirrors
 
 AUTH_THREADS = 2
 

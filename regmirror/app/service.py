@@ -16,11 +16,17 @@ from regmirror.config import Config, ConfigError, load_config
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
 from regmirror.fetch.blobfetch import threaded_writers
+from regmirror.fetch.inflight import LocalInFlight
+from regmirror.http.internals import read_more_at_once
 from regmirror.http.tls import ServerTLS, upstream_trust_root
-from regmirror.mirror.cache import Cache, Mirrors, Shared
+from regmirror.mirror.cache import Cache
+from regmirror.mirror.freshness import LocalTagFreshness
+from regmirror.mirror.manifests import ManifestLRU
+from regmirror.mirror.mirrors import Mirrors
 from regmirror.storage.store import Store
 from regmirror.upstream.client import Upstream
 from regmirror.upstream.credentials import Credentials
+from regmirror.upstream.remote import RemoteRegistry
 
 log = logs.get_logger()
 
@@ -65,17 +71,10 @@ def build(
         high=config.high_watermark,
         low=config.low_watermark,
     )
-    # Until the mirror takes the ledger (usage=ledger), the reaper is built first.
-    reaper = Reaper(
-        reactor,
-        store,
-        ledger,
-        interval=config.reaper_interval,
-        run_in_thread=run_in_thread,
-        in_use=lambda digest: mirrors.in_use(str(digest)),
-        on_removed=lambda kind, digest: mirrors.forget(kind, str(digest)),
-    )
-    shared = Shared(config.manifest_cache_size, config.max_upstream_fetches)
+    # What every upstream's cache shares: blobs and manifests are content-addressed.
+    inflight = LocalInFlight(config.max_upstream_fetches)
+    lru = ManifestLRU(config.manifest_cache_size)
+    freshness = LocalTagFreshness(reactor)
     trust_root = upstream_trust_root(config.upstream_ca)
     caches = []
     for upstream_config in config.upstreams:
@@ -92,23 +91,38 @@ def build(
             breaker_failures=config.breaker_failures,
             breaker_cooldown=config.breaker_cooldown,
         )
-        freshness = upstream_config.tag_freshness
+        remote = RemoteRegistry(
+            upstream,
+            reactor,
+            read_timeout=config.read_timeout,
+            max_body=config.max_manifest_size,
+        )
+        window = upstream_config.tag_freshness
         caches.append(
             Cache(
                 reactor,
                 store,
-                upstream,
-                tag_freshness=config.tag_freshness if freshness is None else freshness,
+                remote,
+                inflight=inflight,
+                lru=lru,
+                usage=ledger,
+                freshness=freshness,
+                tag_freshness=config.tag_freshness if window is None else window,
                 fsync=config.fsync,
-                manifest_cache_size=config.manifest_cache_size,
-                max_manifest_size=config.max_manifest_size,
-                read_timeout=config.read_timeout,
                 writer=threaded_writers(reactor),
-                reaper=reaper,
-                shared=shared,
+                tune_transport=read_more_at_once,
             )
         )
     mirrors = Mirrors(caches, single=config.single_upstream)
+    reaper = Reaper(
+        reactor,
+        store,
+        ledger,
+        interval=config.reaper_interval,
+        run_in_thread=run_in_thread,
+        in_use=inflight.in_use,
+        on_removed=mirrors.forget,
+    )
     cache = mirrors.default
     top = service.MultiService()
     reaper.setServiceParent(top)

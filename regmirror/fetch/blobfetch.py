@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from regmirror.domain.digest import Digest
 from regmirror.logs import get_logger
+from regmirror.reactor import Reactor
 from regmirror.storage.store import Store, is_disk_full
 
 log = get_logger()
@@ -41,7 +42,8 @@ class State(Enum):
     RUNNING = "running"
     VERIFIED = "verified"  # every byte arrived and the digest matched
     COMMITTED = "committed"  # renamed into the store
-    FAILED = "failed"
+    FAILED = "failed"  # before it was verified: readers must abort
+    COMMIT_FAILED = "commit failed"  # verified, then not committed: readers may finish
 
 
 class FetchFailed(Exception):
@@ -149,7 +151,7 @@ class ThreadedWriter:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: Reactor,
         fd: int,
         hasher: Any,
         size: int | None,
@@ -238,7 +240,7 @@ class ThreadedWriter:
                 os.close(fd)
 
 
-def threaded_writers(reactor: Any) -> WriterFactory:
+def threaded_writers(reactor: Reactor) -> WriterFactory:
     def factory(
         fd: int, hasher: Any, size: int | None, fsync: bool, events: WriterEvents
     ) -> DiskWriter:
@@ -251,8 +253,8 @@ class BlobFetch:
     """The temporary file of a blob being downloaded, with its readers' bookkeeping.
 
     The network side calls ``write`` and ``finish``/``fail``; readers call
-    ``readable`` to learn how far they may read and ``wait`` to be called back once
-    when that changes.
+    ``readable`` to learn how far they may read, and ``follow`` it to be told
+    (``Follower.fetch_data``, ``Follower.fetch_changed``) as that changes.
     """
 
     def __init__(
@@ -275,7 +277,6 @@ class BlobFetch:
         self.written = 0
         self.hashed = 0
         self.state = State.RUNNING
-        self.verified = False
         self.error: BaseException | None = None
         self._followers: list[Follower] = []
         self._committed: list[Deferred[None]] = []
@@ -320,10 +321,10 @@ class BlobFetch:
             )
 
     def fail(self, error: BaseException) -> None:
-        if self.state in (State.FAILED, State.COMMITTED):
+        if self.state in (State.FAILED, State.COMMIT_FAILED, State.COMMITTED):
             return
         was_verified = self.verified
-        self.state = State.FAILED
+        self.state = State.COMMIT_FAILED if was_verified else State.FAILED
         self.error = error
         if isinstance(error, DigestMismatch):
             log.error("{digest}: {error}; discarded", digest=str(self.digest), error=str(error))
@@ -369,7 +370,6 @@ class BlobFetch:
         self.size = total
         self.hashed = total
         self.state = State.VERIFIED
-        self.verified = True
         self._notify()
         self._writer.sync()
 
@@ -400,9 +400,14 @@ class BlobFetch:
     # -- the readers' side -----------------------------------------------------------
 
     @property
+    def verified(self) -> bool:
+        """Every byte arrived and the digest matched (whatever happened after)."""
+        return self.state in (State.VERIFIED, State.COMMITTED, State.COMMIT_FAILED)
+
+    @property
     def failed(self) -> bool:
         """Readers must abort: the content was never verified and never will be."""
-        return self.state is State.FAILED and not self.verified
+        return self.state is State.FAILED
 
     def sendable(self) -> int:
         """Bytes a reader may send: everything once verified, never the last byte
@@ -431,7 +436,7 @@ class BlobFetch:
         d: Deferred[None] = Deferred()
         if self.state is State.COMMITTED:
             d.callback(None)
-        elif self.state is State.FAILED:
+        elif self.state in (State.FAILED, State.COMMIT_FAILED):
             d.errback(self.error or FetchFailed("failed"))
         else:
             self._committed.append(d)

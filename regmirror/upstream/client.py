@@ -1,9 +1,10 @@
-"""The upstream registry, reached with treq: auth challenges, tokens, redirects, errors.
+"""The upstream registry, reached with treq: auth challenges, tokens, redirects.
 
 ``Upstream.request`` answers ``401`` challenges (``Bearer`` tokens cached per scope until
 they expire, ``Basic`` with the configured credentials), follows redirects to blob
-storage on other hosts without forwarding credentials, and turns upstream failures into
-``RegistryError``s the web layer renders.
+storage on other hosts without forwarding credentials, turns an unreachable upstream
+into ``Unavailable``, and sits behind a circuit breaker (``regmirror.upstream.breaker``).
+What the requests mean (URLs, headers, error mapping) is ``regmirror.upstream.remote``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import treq
 from treq.client import HTTPClient
 from treq.response import _Response
 from twisted.internet.defer import CancelledError, TimeoutError
@@ -24,18 +24,10 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 
 from regmirror.config import UpstreamConfig
-from regmirror.domain.errors import (
-    BlobUnknown,
-    Denied,
-    ManifestUnknown,
-    NameUnknown,
-    RegistryError,
-    TooManyRequests,
-    Unauthorized,
-    Unavailable,
-)
-from regmirror.domain.names import normalize_docker_hub
+from regmirror.domain.errors import Unauthorized, Unavailable
 from regmirror.logs import get_logger
+from regmirror.upstream.bodies import DRAIN_LIMIT, discard
+from regmirror.upstream.breaker import CircuitBreaker
 from regmirror.upstream.credentials import Credential, CredentialError, Credentials
 
 log = get_logger()
@@ -91,12 +83,10 @@ class Upstream:
         self._reactor = reactor
         self.config = config
         self._credentials = credentials
-        self._breaker_failures = breaker_failures
-        self._breaker_cooldown = breaker_cooldown
-        self._failures = 0
-        self._open_until = 0.0
-        self.ratelimit_remaining: str | None = None
         self.name = config.name
+        self._breaker = CircuitBreaker(
+            reactor, config.name, failures=breaker_failures, cooldown=breaker_cooldown
+        )
         self._base = config.url
         self._host = urlsplit(config.url).hostname or ""
         # From request sent to response headers: never longer than the upstream may
@@ -115,10 +105,6 @@ class Upstream:
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._tokens: dict[str, tuple[str, float]] = {}
 
-    def repository(self, name: str) -> str:
-        """The name to use upstream (official Docker Hub images live in ``library/``)."""
-        return normalize_docker_hub(name) if self.config.docker_hub else name
-
     # -- requests --------------------------------------------------------------------
 
     async def request(
@@ -134,47 +120,21 @@ class Upstream:
         Behind a circuit breaker: after ``breaker_failures`` consecutive failures
         (unreachable, timeouts, 5xx) the upstream is not asked for ``breaker_cooldown``
         seconds, and requests fail at once."""
-        now = self._reactor.seconds()
-        if now < self._open_until:
-            raise Unavailable(
-                "the upstream registry is failing; not asking it again for "
-                f"{self._open_until - now:.0f} s",
-                {"upstream": self.name},
-            )
+        self._breaker.check()
         try:
             response = await self._request(method, path, repository, headers, unbuffered)
         except Unavailable:
-            self._failed()
+            self._breaker.failed()
             raise
         if response.code >= 500:
-            self._failed()
+            self._breaker.failed()
         else:
-            self._failures = 0
-        remaining = response.headers.getRawHeaders("ratelimit-remaining")
-        if remaining and remaining[0] != self.ratelimit_remaining:
-            self.ratelimit_remaining = remaining[0]
-            log.info(
-                "{upstream} rate limit remaining: {remaining}",
-                upstream=self.name,
-                remaining=remaining[0],
-            )
+            self._breaker.succeeded()
         return response
 
     @property
     def breaker_open(self) -> bool:
-        return bool(self._reactor.seconds() < self._open_until)
-
-    def _failed(self) -> None:
-        self._failures += 1
-        if self._failures >= self._breaker_failures > 0:
-            self._open_until = self._reactor.seconds() + self._breaker_cooldown
-            log.warn(
-                "circuit breaker for {upstream} opened after {count} consecutive failures; "
-                "answering misses at once for {cooldown} s",
-                upstream=self.name,
-                count=self._failures,
-                cooldown=self._breaker_cooldown,
-            )
+        return self._breaker.open
 
     async def _request(
         self,
@@ -198,7 +158,7 @@ class Upstream:
             if response.code != 401:
                 return response
             challenge = response.headers.getRawHeaders("www-authenticate", [""])[0]
-            await _drain(response)
+            await discard(response, DRAIN_LIMIT)
             scheme, params = parse_challenge(challenge)
             if scheme not in ("bearer", "basic"):
                 break
@@ -261,7 +221,7 @@ class Upstream:
                 ) from e
             if response.code in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
                 location = response.headers.getRawHeaders("location", [None])[0]
-                await _drain(response)
+                await discard(response, DRAIN_LIMIT)
                 if not location:
                     raise Unavailable("the upstream redirected nowhere", {"upstream": self.name})
                 url = urljoin(url, location)
@@ -347,27 +307,6 @@ class Upstream:
             raise Unavailable("the token service sent no token", {"upstream": self.name})
         return token, lifetime
 
-    # -- error mapping ---------------------------------------------------------------
-
-    def error_for(self, response: _Response, what: str) -> RegistryError:
-        """The error to give a client for a non-success upstream answer."""
-        code = response.code
-        detail = {"upstream": self.name, "status": code}
-        if code == 404:
-            cls = {"blob": BlobUnknown, "manifest": ManifestUnknown}.get(what, NameUnknown)
-            return cls(f"{what} unknown to the upstream registry", detail)
-        if code == 401:
-            return Unauthorized("the upstream registry requires authentication", detail)
-        if code == 403:
-            return Denied("the upstream registry denied access", detail)
-        if code == 429:
-            error = TooManyRequests("the upstream registry is rate-limiting the mirror", detail)
-            retry = response.headers.getRawHeaders("retry-after")
-            if retry:
-                error.headers[b"retry-after"] = retry[0].encode("latin-1")
-            return error
-        return Unavailable(f"the upstream registry answered {code}", detail)
-
 
 def _basic(username: str, password: str) -> str:
     return base64.b64encode(f"{username}:{password}".encode()).decode()
@@ -376,10 +315,3 @@ def _basic(username: str, password: str) -> str:
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     return parts.scheme, (parts.hostname or ""), parts.port
-
-
-async def _drain(response: _Response) -> None:
-    try:
-        await treq.content(response)
-    except Exception:
-        pass

@@ -20,11 +20,14 @@ from regmirror.config import UpstreamConfig
 from regmirror.domain.digest import Digest
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
-from regmirror.mirror.cache import Cache, Shared
+from regmirror.fetch.inflight import LocalInFlight
+from regmirror.mirror.cache import Cache
+from regmirror.mirror.manifests import ManifestLRU
 from regmirror.storage.store import Store
 from regmirror.testing import FakeRegistry, digest_of
 from regmirror.upstream.client import Upstream
 from regmirror.upstream.credentials import Credentials
+from regmirror.upstream.remote import RemoteRegistry
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
@@ -64,25 +67,30 @@ class Harness:
             self.store,
             self.ledger,
             run_in_thread=lambda f, *a: maybeDeferred(f, *a),
-            in_use=lambda digest: self.cache.in_use(str(digest)),
-            on_removed=lambda kind, digest: self.cache.forget(kind, str(digest)),
+            in_use=lambda digest: self.cache.in_use(digest),
+            on_removed=lambda kind, digest: self.cache.forget(kind, digest),
         )
         self.reaper.load()
+        self.inflight = LocalInFlight(max_fetches)
         self.cache = Cache(
             self.clock,
             self.store,
-            Upstream(
-                self.clock,
-                config,
-                client=self.upstream_client,  # type: ignore[arg-type]
-                credentials=Credentials(
-                    config, clock=self.clock.seconds, run_in_thread=maybeDeferred
+            RemoteRegistry(
+                Upstream(
+                    self.clock,
+                    config,
+                    client=self.upstream_client,  # type: ignore[arg-type]
+                    credentials=Credentials(
+                        config, clock=self.clock.seconds, run_in_thread=maybeDeferred
+                    ),
                 ),
+                self.clock,
             ),
+            inflight=self.inflight,
+            lru=ManifestLRU(),
+            usage=self.ledger,
             tag_freshness=freshness,
             fsync=False,
-            reaper=self.reaper,
-            shared=Shared(max_fetches=max_fetches),
         )
         self.root: Resource = make_root(self.cache)
         self.client = StubTreq(self.root)
@@ -397,7 +405,7 @@ def test_cached_content_is_recorded_and_used_for_the_reaper(h: Harness) -> None:
     h.clock.advance(100)
     h.request("GET", f"/v2/a/blobs/{digest}")
     assert h.reaper.entries[Digest.parse(digest)].last_used == 100
-    assert not h.cache.in_use(digest)  # the reader released it
+    assert not h.cache.in_use(Digest.parse(digest))  # the reader released it
 
 
 def test_disk_full_cuts_the_transfer_runs_an_eviction_and_keeps_serving(
@@ -497,7 +505,7 @@ def test_metrics_count_hits_fetches_failures_and_the_store(h: Harness) -> None:
     from collections import Counter
 
     from regmirror.api.metrics import metrics_resource
-    from regmirror.mirror.cache import Mirrors
+    from regmirror.mirror.mirrors import Mirrors
 
     responses: Counter[int] = Counter({200: 3, 404: 1})
     h.root.putChild(b"metrics", metrics_resource(Mirrors([h.cache]), h.reaper, responses))

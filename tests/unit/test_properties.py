@@ -26,9 +26,9 @@ from regmirror.api.resource import RegistrySite, route
 from regmirror.config import Limits, parse_duration, parse_size
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import RegistryError
+from regmirror.domain.media import Accept
 from regmirror.domain.names import parse_reference, validate_name
 from regmirror.domain.ranges import Unsatisfiable, parse_range
-from regmirror.mirror.cache import Accept
 from tests.unit.test_cache_web import Harness
 
 SPEC_CODES = {

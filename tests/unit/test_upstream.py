@@ -23,10 +23,15 @@ from twisted.web.server import Request
 
 from regmirror.config import UpstreamConfig, parse_config
 from regmirror.domain.errors import NameUnknown, Unauthorized, Unavailable
-from regmirror.mirror.cache import Cache, Mirrors, _read_limited
+from regmirror.fetch.inflight import LocalInFlight
+from regmirror.mirror.cache import Cache
+from regmirror.mirror.manifests import ManifestLRU
+from regmirror.mirror.mirrors import Mirrors
 from regmirror.storage.store import Store
+from regmirror.upstream.bodies import read_limited
 from regmirror.upstream.client import Upstream, parse_challenge
 from regmirror.upstream.credentials import Credential, CredentialError, Credentials
+from regmirror.upstream.remote import RemoteRegistry
 
 T = SynchronousTestCase()
 
@@ -238,11 +243,14 @@ def test_credentials_from_env_file_docker_config_and_helper(tmp_path: Path) -> N
 def test_requests_are_routed_by_ns_then_prefix_then_default(tmp_path: Path) -> None:
     store = Store(tmp_path)
     clock = Clock()
+    inflight = LocalInFlight()
 
     def cache(name: str, aliases: tuple[str, ...] = ()) -> Cache:
         config = UpstreamConfig(name=name, url=f"https://{name}", username="", password="",
                                 docker_hub=False, aliases=aliases)  # fmt: skip
-        return Cache(clock, store, Upstream(clock, config, client=StubTreq(Resource())))  # type: ignore[arg-type]
+        upstream = Upstream(clock, config, client=StubTreq(Resource()))  # type: ignore[arg-type]
+        return Cache(clock, store, RemoteRegistry(upstream, clock), inflight=inflight,  # type: ignore[arg-type]
+                     lru=ManifestLRU())  # fmt: skip
 
     hub, ghcr = cache("docker.io"), cache("ghcr.io", ("ghcr",))
     mirrors = Mirrors([hub, ghcr])
@@ -260,12 +268,14 @@ def _mirrors(tmp_path: Path, *specs: tuple[str, str], single: bool = False) -> M
     """Mirrors over upstreams given as (name, url)."""
     store = Store(tmp_path)
     clock = Clock()
+    inflight, lru = LocalInFlight(), ManifestLRU()
     caches = []
     for name, url in specs:
         hub = "docker.io" in url
         config = UpstreamConfig(name=name, url=url, username="", password="", docker_hub=hub)
         upstream = Upstream(clock, config, client=StubTreq(Resource()))  # type: ignore[arg-type]
-        caches.append(Cache(clock, store, upstream))
+        remote = RemoteRegistry(upstream, clock)
+        caches.append(Cache(clock, store, remote, inflight=inflight, lru=lru))  # type: ignore[arg-type]
     return Mirrors(caches, single=single)
 
 
@@ -349,7 +359,7 @@ def test_a_manifest_body_that_stops_arriving_is_cut_after_the_read_timeout() -> 
             self.protocol = protocol
 
     response = Response()
-    d = Deferred.fromCoroutine(_read_limited(response, 1024, clock, 60.0))  # type: ignore[arg-type]
+    d = Deferred.fromCoroutine(read_limited(response, 1024, clock, 60.0))  # type: ignore[arg-type]
     transport = Transport()
     response.protocol.makeConnection(transport)
     response.protocol.dataReceived(b"{")

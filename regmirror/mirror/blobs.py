@@ -1,0 +1,167 @@
+"""Blobs: from disk, from the fetch in flight, or fetched upstream once for everyone.
+
+``Blobs.blob`` answers with a ``BlobSource`` (``regmirror.mirror.sources``). A miss
+joins the fetch of that digest in flight, or starts one (``InFlight.join_or_start``:
+one per digest, within the fetch slots); the fetch hashes and writes the body as it
+arrives (``regmirror.fetch``) while its readers follow the temporary file. A blob that
+cannot fit in the quota even after eviction is passed through to its one client,
+verified on the way, and not cached.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import Unavailable
+from regmirror.domain.kinds import Kind
+from regmirror.expiry.usage import Usage
+from regmirror.fetch.blobfetch import BlobFetch, State, WriterFactory
+from regmirror.fetch.body import BlobBody, TuneTransport
+from regmirror.fetch.inflight import FetchLease, InFlight, failure_reason
+from regmirror.logs import get_logger
+from regmirror.mirror.sources import BlobSource, CommittedBlob, FollowedFetch, PassThrough
+from regmirror.mirror.visibility import Visibility
+from regmirror.reactor import ReactorTime
+from regmirror.storage.store import Store
+from regmirror.upstream.remote import RemoteRegistry
+
+log = get_logger()
+
+
+class _TooBig(Exception):
+    """The blob cannot fit in the quota: pass it through instead."""
+
+
+class Blobs:
+    """The blobs of one upstream's repositories (the bytes are shared by all)."""
+
+    def __init__(
+        self,
+        clock: ReactorTime,
+        store: Store,
+        remote: RemoteRegistry,
+        visibility: Visibility,
+        inflight: InFlight,
+        usage: Usage,
+        stats: Counter[str],
+        *,
+        fsync: bool,
+        writer: WriterFactory,
+        tune_transport: TuneTransport,
+    ) -> None:
+        self._clock = clock
+        self._store = store
+        self._remote = remote
+        self._visibility = visibility
+        self._inflight = inflight
+        self._usage = usage
+        self._stats = stats
+        self._fsync = fsync
+        self._writer = writer
+        self._tune_transport = tune_transport
+
+    async def blob(self, name: str, digest: Digest) -> BlobSource:
+        """The blob from disk, or the fetch in flight that is downloading it (with a
+        descriptor of its temporary file), or, for a blob that cannot fit in the quota,
+        an upstream response to pass through. Call the ``release`` given when done."""
+        repository = self._remote.repository(name)
+        await self._visibility.check_reference(repository, digest, Kind.BLOB)
+        cached = self._open_cached(digest)
+        if cached is not None:
+            self._stats["blob_hits"] += 1
+            return cached
+        if self._inflight.active(digest):
+            self._stats["blob_joins"] += 1
+        try:
+            fetch = await self._inflight.join_or_start(
+                digest, lambda lease: self._start(repository, digest, lease)
+            )
+        except _TooBig:
+            return await self._pass_through(repository, digest)
+        if fetch.size is not None and not fetch.failed:
+            try:
+                fd = fetch.open_reader()
+            except FileNotFoundError:
+                pass  # committed, or failed, in the meantime
+            else:
+                return FollowedFetch(fetch, fd, fetch.size, self._inflight.reading(digest))
+        if fetch.state is not State.COMMITTED and not fetch.failed:
+            # The upstream did not say how long the blob is: serve it once verified.
+            await fetch.when_committed()
+        cached = self._open_cached(digest)
+        if cached is None:
+            raise Unavailable(
+                "the upstream did not deliver the blob intact; try again",
+                {"digest": str(digest)},
+            )
+        return cached
+
+    async def blob_size(self, name: str, digest: Digest) -> int:
+        """For ``HEAD``: the size of a blob, asking upstream (without fetching) on a miss."""
+        repository = self._remote.repository(name)
+        await self._visibility.check_reference(repository, digest, Kind.BLOB)
+        size = self._store.blob_size(digest)
+        if size is not None:
+            return size
+        fetch = self._inflight.fetch(digest)
+        if fetch is not None and fetch.size is not None:
+            return fetch.size
+        return await self._remote.blob_size(repository, digest)
+
+    def _open_cached(self, digest: Digest) -> CommittedBlob | None:
+        opened = self._store.open_blob(digest)
+        if opened is None:
+            return None
+        self._usage.used(digest)
+        return CommittedBlob(*opened, release=self._inflight.reading(digest))
+
+    async def _pass_through(self, repository: str, digest: Digest) -> PassThrough:
+        got = await self._remote.get_blob(repository, digest)
+        if got.size is None:
+            await got.discard()
+            raise Unavailable("the upstream sent no blob size", {"digest": str(digest)})
+        log.warn(
+            "blob {digest} ({size} bytes) does not fit in the cache quota: passed through",
+            digest=str(digest),
+            size=got.size,
+        )
+        return PassThrough(got.response, digest, got.size)
+
+    # -- the fetch lifecycle ---------------------------------------------------------
+
+    async def _start(self, repository: str, digest: Digest, lease: FetchLease) -> BlobFetch:
+        got = await self._remote.get_blob(repository, digest)
+        if not self._usage.reserve(digest, got.size or 0):
+            await got.discard()
+            raise _TooBig()
+        fetch = BlobFetch(
+            self._store,
+            digest,
+            got.size,
+            fsync=self._fsync,
+            writer=self._writer,
+            on_done=lambda f: self._done(f, repository, lease),
+        )
+        lease.started(fetch)
+        self._stats["blob_fetches"] += 1
+        log.info(
+            "blob {digest} from {upstream} ({size} bytes)",
+            digest=str(digest),
+            upstream=self._remote.name,
+            size=got.size,
+        )
+        got.response.deliverBody(
+            BlobBody(fetch, self._clock, self._remote.read_timeout, self._tune_transport)
+        )
+        return fetch
+
+    def _done(self, fetch: BlobFetch, repository: str, lease: FetchLease) -> None:
+        lease.ended(fetch)
+        self._usage.release(fetch.digest)
+        if fetch.state is State.COMMITTED:
+            self._visibility.link(repository, fetch.digest, Kind.BLOB)
+            self._usage.added(Kind.BLOB, fetch.digest, fetch.size or 0)
+            log.info("blob {digest} cached", digest=str(fetch.digest))
+        elif failure_reason(fetch) == "disk":
+            self._usage.evict()

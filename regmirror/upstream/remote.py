@@ -1,0 +1,272 @@
+"""The distribution API of one upstream registry, as the mirror uses it: every ``/v2/``
+URL, every header read from an answer, and the errors a client gets for an upstream's
+non-success answer. Nothing above this module formats an upstream URL or reads an
+upstream header.
+
+``Upstream`` (``regmirror.upstream.client``) carries the requests: authentication,
+tokens, redirects, the circuit breaker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import urlencode
+
+import attrs
+from treq.response import _Response
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from regmirror.config import UpstreamConfig
+from regmirror.domain.digest import Digest
+from regmirror.domain.errors import (
+    BlobUnknown,
+    Denied,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from regmirror.domain.kinds import Kind
+from regmirror.domain.media import ALL_MANIFEST_TYPES, Accept, manifest_media_type
+from regmirror.domain.names import normalize_docker_hub
+from regmirror.domain.pagination import next_page_query
+from regmirror.logs import get_logger
+from regmirror.reactor import ReactorTime
+from regmirror.upstream.bodies import discard, read_limited
+from regmirror.upstream.client import Upstream
+
+log = get_logger()
+
+MAX_TAG_PAGES = 100
+
+What = Kind | Literal["repository"]
+
+
+@attrs.frozen
+class BlobResponse:
+    """An upstream's 200 to a blob GET, its body not read yet; ``size`` is None when
+    it sent no ``Content-Length``."""
+
+    response: _Response
+    size: int | None
+
+    async def discard(self) -> None:
+        await discard(self.response)
+
+
+@attrs.frozen
+class ManifestHead:
+    """An upstream's answer to a manifest HEAD: its status, and the digest it names
+    (empty when it named none)."""
+
+    code: int
+    digest: str
+
+
+@attrs.frozen
+class UpstreamManifest:
+    """A manifest as the upstream sent it, not verified yet: ``digest`` is what its
+    ``Docker-Content-Digest`` header claims (empty when absent)."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+
+class RemoteRegistry:
+    """One upstream registry's API: blobs, manifests and tag lists of its repositories.
+    Bodies other than blobs are read up to ``max_body`` bytes, each cut after
+    ``read_timeout`` seconds of silence."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        clock: ReactorTime,
+        *,
+        read_timeout: float = 60.0,
+        max_body: int = 4 * 1024 * 1024,
+    ) -> None:
+        self._upstream = upstream
+        self._clock = clock
+        self.read_timeout = read_timeout
+        self.max_body = max_body
+        self.ratelimit_remaining: str | None = None  # Docker Hub's header, last seen
+
+    # -- what the layers above ask of an upstream ------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._upstream.name
+
+    @property
+    def config(self) -> UpstreamConfig:
+        return self._upstream.config
+
+    @property
+    def authenticated(self) -> bool:
+        """Reached with credentials: its content may be private to some repositories."""
+        return self._upstream.authenticated
+
+    @property
+    def breaker_open(self) -> bool:
+        return self._upstream.breaker_open
+
+    def repository(self, name: str) -> str:
+        """The name to use upstream (official Docker Hub images live in ``library/``)."""
+        return normalize_docker_hub(name) if self.config.docker_hub else name
+
+    # -- blobs -----------------------------------------------------------------------
+
+    async def get_blob(self, repository: str, digest: Digest) -> BlobResponse:
+        """The upstream's answer to a blob GET, its body not read yet (errors raised)."""
+        response = await self._request(
+            "GET", f"/v2/{repository}/blobs/{digest}", repository, unbuffered=True
+        )
+        if response.code != 200:
+            await discard(response)
+            raise error_for(response, Kind.BLOB, self.name)
+        size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        return BlobResponse(response, size)
+
+    async def blob_size(self, repository: str, digest: Digest) -> int:
+        """A blob's size from a HEAD (nothing downloaded)."""
+        response = await self._request("HEAD", f"/v2/{repository}/blobs/{digest}", repository)
+        await discard(response)
+        if response.code != 200:
+            raise error_for(response, Kind.BLOB, self.name)
+        length = response.headers.getRawHeaders("content-length", [""])[0]
+        if not length.isdigit():
+            raise Unavailable("the upstream sent no blob size", {"digest": str(digest)})
+        return int(length)
+
+    async def check_exists(self, repository: str, digest: Digest, kind: Kind) -> None:
+        """Raise the client's error unless ``repository`` has ``digest`` upstream (a
+        HEAD)."""
+        what = "manifests" if kind is Kind.MANIFEST else "blobs"
+        headers = {"accept": ALL_MANIFEST_TYPES} if kind is Kind.MANIFEST else None
+        response = await self._request(
+            "HEAD", f"/v2/{repository}/{what}/{digest}", repository, headers
+        )
+        await discard(response)
+        if response.code != 200:
+            raise error_for(response, kind, self.name)
+
+    # -- manifests -------------------------------------------------------------------
+
+    async def head_manifest(self, repository: str, tag: str, accept: Accept) -> ManifestHead:
+        response = await self._request(
+            "HEAD", f"/v2/{repository}/manifests/{tag}", repository, {"accept": accept.header()}
+        )
+        await discard(response)
+        return ManifestHead(response.code, _header(response, "docker-content-digest"))
+
+    async def get_manifest(
+        self, repository: str, reference: str, accept: Accept
+    ) -> UpstreamManifest:
+        response = await self._request(
+            "GET",
+            f"/v2/{repository}/manifests/{reference}",
+            repository,
+            {"accept": accept.header()},
+            unbuffered=True,
+        )
+        if response.code != 200:
+            await discard(response)
+            raise error_for(response, Kind.MANIFEST, self.name)
+        if response.length is not UNKNOWN_LENGTH and response.length > self.max_body:
+            await discard(response)
+            raise ManifestInvalid(
+                "the upstream manifest is larger than the configured maximum",
+                {"size": response.length, "max": self.max_body},
+            )
+        data = await self._read(response)
+        media_type = manifest_media_type(_header(response, "content-type"), data)
+        return UpstreamManifest(data, media_type, _header(response, "docker-content-digest"))
+
+    # -- tag lists -------------------------------------------------------------------
+
+    async def tag_list(self, repository: str, name: str) -> list[str]:
+        """Every tag of ``repository``, following the upstream's own pages (``name`` is
+        what the client called it, for errors)."""
+        tags: list[str] = []
+        path = f"/v2/{repository}/tags/list"
+        for _ in range(MAX_TAG_PAGES):
+            response = await self._request("GET", path, repository)
+            body = await self._read(response)
+            if response.code == 404:
+                raise NameUnknown("repository unknown to the upstream registry", {"name": name})
+            if response.code != 200:
+                raise error_for(response, "repository", self.name)
+            try:
+                page = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                page = None
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise Unavailable("the upstream sent an invalid tag list", {"name": name})
+            tags.extend(page)
+            query = next_page_query(response.headers.getRawHeaders("link", [None])[0])
+            if query is None:
+                return tags
+            path = f"/v2/{repository}/tags/list?{urlencode(query)}"
+        raise Unavailable("the upstream's tag list has too many pages", {"name": name})
+
+    # -- helpers ---------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        unbuffered: bool = False,
+    ) -> _Response:
+        response = await self._upstream.request(
+            method, path, repository, headers, unbuffered=unbuffered
+        )
+        remaining = response.headers.getRawHeaders("ratelimit-remaining")
+        if remaining and remaining[0] != self.ratelimit_remaining:
+            self.ratelimit_remaining = remaining[0]
+            log.info(
+                "{upstream} rate limit remaining: {remaining}",
+                upstream=self.name,
+                remaining=remaining[0],
+            )
+        return response
+
+    async def _read(self, response: _Response) -> bytes:
+        return await read_limited(response, self.max_body, self._clock, self.read_timeout)
+
+
+def _header(response: _Response, name: str) -> str:
+    value: str = response.headers.getRawHeaders(name, [""])[0]
+    return value
+
+
+def error_for(response: _Response, what: What, upstream: str) -> RegistryError:
+    """The error to give a client for a non-success upstream answer."""
+    code = response.code
+    detail = {"upstream": upstream, "status": code}
+    if code == 404:
+        unknown: dict[What, type[RegistryError]] = {
+            Kind.BLOB: BlobUnknown,
+            Kind.MANIFEST: ManifestUnknown,
+        }
+        cls = unknown.get(what, NameUnknown)
+        return cls(f"{what} unknown to the upstream registry", detail)
+    if code == 401:
+        return Unauthorized("the upstream registry requires authentication", detail)
+    if code == 403:
+        return Denied("the upstream registry denied access", detail)
+    if code == 429:
+        error = TooManyRequests("the upstream registry is rate-limiting the mirror", detail)
+        retry = response.headers.getRawHeaders("retry-after")
+        if retry:
+            error.headers[b"retry-after"] = retry[0].encode("latin-1")
+        return error
+    return Unavailable(f"the upstream registry answered {code}", detail)
