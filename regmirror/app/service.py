@@ -15,8 +15,8 @@ from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
-from regmirror.fetch.blobfetch import threaded_writers
 from regmirror.fetch.inflight import LocalInFlight
+from regmirror.fetch.writers import threaded_writers
 from regmirror.http.internals import read_more_at_once
 from regmirror.http.tls import ServerTLS, upstream_trust_root
 from regmirror.mirror.cache import Cache

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -19,28 +18,13 @@ from twisted.web.client import ResponseDone
 from regmirror.fetch.blobfetch import BlobFetch
 from regmirror.reactor import ReactorTime
 
-UPSTREAM_READ_SIZE = 1024 * 1024
 PIECE = 128 * 1024
 
 TuneTransport = Callable[[object], None]
-"""Called with the transport of an upstream blob body as it starts (see
-``read_more_at_once``)."""
-
-
-def read_more_at_once(transport: object) -> None:
-    """Let the TCP connection under an upstream blob response read 1 MiB per call
-    instead of Twisted's 64 KiB. With many clients reading the fetch, the reactor sends
-    up to 128 KiB per client per loop; reading 64 KiB per loop from the upstream would
-    starve the download (one upstream read for 32 client writes). The body is handed
-    on in pieces of 128 KiB (see ``BlobBody.dataReceived``).
-
-    It walks Twisted's private attributes: it belongs with the other reaches into
-    Twisted (``regmirror.http``), which hands it in as ``tune_transport``."""
-    for _ in range(4):  # TransportProxyProducer -> (TLS ->) tcp.Client
-        if isinstance(transport, tcp.Connection):
-            transport.bufferSize = max(transport.bufferSize, UPSTREAM_READ_SIZE)
-            return
-        transport = getattr(transport, "_producer", None) or getattr(transport, "transport", None)
+"""Called with the transport of an upstream blob body as it starts: the service hands
+in ``regmirror.http.internals.read_more_at_once`` (it reaches into Twisted's private
+attributes, which only ``regmirror.http.internals`` does), so the connection reads
+1 MiB per call instead of 64 KiB and the body is handed on in ``PIECE``s."""
 
 
 def leave_transport(transport: object) -> None:
@@ -56,7 +40,7 @@ class BlobBody(Protocol):
         fetch: BlobFetch,
         clock: ReactorTime,
         idle: float,
-        tune_transport: TuneTransport = leave_transport,
+        tune_transport: TuneTransport,
     ) -> None:
         self._fetch = fetch
         self._clock = clock

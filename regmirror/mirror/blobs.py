@@ -16,9 +16,10 @@ from regmirror.domain.digest import Digest
 from regmirror.domain.errors import Unavailable
 from regmirror.domain.kinds import Kind
 from regmirror.expiry.usage import Usage
-from regmirror.fetch.blobfetch import BlobFetch, State, WriterFactory
+from regmirror.fetch.blobfetch import BlobFetch, State
 from regmirror.fetch.body import BlobBody, TuneTransport
 from regmirror.fetch.inflight import FetchLease, InFlight, failure_reason
+from regmirror.fetch.writers import WriterFactory
 from regmirror.logs import get_logger
 from regmirror.mirror.sources import BlobSource, CommittedBlob, FollowedFetch, PassThrough
 from regmirror.mirror.visibility import Visibility

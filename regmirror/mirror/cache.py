@@ -18,9 +18,9 @@ from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
 from regmirror.domain.media import Accept
 from regmirror.expiry.usage import NoUsage, Usage
-from regmirror.fetch.blobfetch import InlineWriter, WriterFactory
 from regmirror.fetch.body import TuneTransport, leave_transport
 from regmirror.fetch.inflight import InFlight
+from regmirror.fetch.writers import InlineWriter, WriterFactory
 from regmirror.mirror.blobs import Blobs
 from regmirror.mirror.freshness import LocalTagFreshness, TagFreshness
 from regmirror.mirror.manifests import Manifest, ManifestLRU, Manifests

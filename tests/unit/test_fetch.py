@@ -114,7 +114,7 @@ def test_disk_full_fails_the_fetch_and_removes_the_file(
 def test_threaded_writer_reports_on_the_reactor_thread(store: Store) -> None:
     from twisted.internet.task import Clock
 
-    from regmirror.fetch.blobfetch import threaded_writers
+    from regmirror.fetch.writers import threaded_writers
 
     class Reactor(Clock):
         def __init__(self) -> None:
