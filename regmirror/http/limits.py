@@ -13,6 +13,9 @@
 The idle timeout (``Site(timeout=...)``) closes connections that send nothing between
 requests. While a response is being sent Twisted suspends that timeout; a blob sender
 that waits for a client which stopped reading uses ``StallTimer`` instead.
+
+The channel's request-head state is Twisted's private business: it is read through
+``regmirror.http.internals.ChannelInternals``.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 
 from regmirror.config import Limits
 from regmirror.domain.errors import RegistryError
+from regmirror.http.internals import ChannelInternals
 from regmirror.logs import get_logger
 
 log = get_logger()
@@ -45,7 +48,7 @@ def raw_error(status: int, reason: bytes, message: str) -> bytes:
     ) + body
 
 
-class LimitedChannel(HTTPChannel):
+class LimitedChannel(ChannelInternals):
     """An HTTP channel that enforces ``Limits`` (set by the site in ``configure``)."""
 
     limits = Limits()
@@ -68,7 +71,7 @@ class LimitedChannel(HTTPChannel):
         if (
             self._head_timer is None
             and self.limits.header_timeout
-            and not self._handlingRequest
+            and not self.handling_request
             and data
         ):
             self._head_timer = self.callLater(self.limits.header_timeout, self._head_too_slow)
@@ -77,11 +80,10 @@ class LimitedChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
-        in_head = hasattr(self, "_command")
-        if not in_head and len(line) > self.limits.max_url_length + 32:
+        if not self.in_request_head and len(line) > self.limits.max_url_length + 32:
             self._refuse(414, b"Request-URI Too Long", "the request URI is too long")
             return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self.received_header_size + len(line) > self.totalHeadersSize:
             self._refuse(
                 431, b"Request Header Fields Too Large", "the request headers are too large"
             )
@@ -89,7 +91,7 @@ class LimitedChannel(HTTPChannel):
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> Any:
-        if hasattr(self, "_command"):
+        if self.in_request_head:
             self._refuse(431, b"Request Header Fields Too Large", "a request header is too large")
         else:
             self._refuse(414, b"Request-URI Too Long", "the request URI is too long")
@@ -98,12 +100,12 @@ class LimitedChannel(HTTPChannel):
         self._cancel_head_timer()
         super().allContentReceived()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         self._refuse(400, b"Bad Request", "malformed request")
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if not self._handlingRequest and not self._refused:
+        if not self.handling_request and not self._refused:
             log.debug("a client took too long to send a request head; closing")
             self._refuse(408, b"Request Timeout", "the request head took too long to arrive")
 

@@ -8,7 +8,7 @@ connections keep the context they were made with, so renewing a certificate drop
 nothing. A reload that fails is logged and the old context stays.
 
 ``TLSFactory`` wraps the HTTP site with a TLS transport whose bulk path is cheaper than
-Twisted's default one (see ``_BulkTLSTransport``).
+Twisted's default one (see ``BulkTLSTransport``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from twisted.internet.ssl import (
     TLSVersion,
     trustRootFromCertificates,
 )
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from regmirror.config import TLSConfig
+from regmirror.http.internals import TLSTransportInternals, enlarge_tcp_buffers
 from regmirror.logs import get_logger
 
 log = get_logger()
@@ -122,7 +123,7 @@ def build_options(config: TLSConfig) -> tuple[CertificateOptions, str]:
         ) from None
     if hasattr(context, "clear_mode"):  # pyOpenSSL >= 24.1
         # One SSL_write then encrypts all it is given into the memory BIO, instead of
-        # one 16 KiB record per call (_BulkTLSTransport relies on neither).
+        # one 16 KiB record per call (BulkTLSTransport relies on neither).
         context.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
     if hasattr(context, "set_tls13_ciphersuites"):  # pyOpenSSL >= 24.3
         context.set_tls13_ciphersuites(TLS13_SUITES)
@@ -175,7 +176,7 @@ def _bio_read(connection: SSL.Connection, size: int) -> bytes | None:
         return None
 
 
-class _BulkTLSTransport(BufferingTLSTransport):
+class BulkTLSTransport(TLSTransportInternals):
     """Twisted's TLS transport, with a cheaper path for large writes.
 
     Twisted cuts every write into 16 KiB pieces, encrypts each with its own call and
@@ -189,21 +190,21 @@ class _BulkTLSTransport(BufferingTLSTransport):
     defaults (measured with curl on loopback: ~400 MB/s before, ~750 MB/s after).
     """
 
-    def _write(self, bytes: bytes) -> None:
-        if self._lostTLSConnection:
+    def write_plaintext(self, data: bytes) -> None:
+        if self.tls_lost:
             return
-        size = len(bytes)
+        size = len(data)
         done = 0
-        view = memoryview(bytes)
+        view = memoryview(data)
         while done < size:
-            piece = view[done : done + WRITE_PIECE] if done or size > WRITE_PIECE else bytes
+            piece = view[done : done + WRITE_PIECE] if done or size > WRITE_PIECE else data
             try:
-                sent = self._tlsConnection.send(piece)
+                sent = self.tls_connection.send(piece)
             except SSL.WantReadError:
-                self._bufferedWrite(bytes[done:])
+                self.buffer_plaintext(data[done:])
                 break
             except SSL.Error:
-                self._tlsShutdownFinished(Failure())
+                self.tls_failed(Failure())
                 break
             else:
                 done += sent
@@ -211,7 +212,7 @@ class _BulkTLSTransport(BufferingTLSTransport):
 
     def _drain(self, plaintext: int) -> None:
         """Move everything in the send BIO to the transport."""
-        connection, transport = self._tlsConnection, self.transport
+        connection, transport = self.tls_connection, self.transport
         assert transport is not None
         size = plaintext + (plaintext // _RECORD + 2) * _RECORD_OVERHEAD
         while True:
@@ -226,19 +227,17 @@ class _BulkTLSTransport(BufferingTLSTransport):
     def makeConnection(self, transport: Any) -> None:
         # Let more ciphertext queue in the TCP transport before the producer is paused,
         # and send more of it per system call.
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = TRANSPORT_BUFFER
-            transport.SEND_LIMIT = TRANSPORT_BUFFER
+        enlarge_tcp_buffers(transport, TRANSPORT_BUFFER)
         super().makeConnection(transport)
 
-    def _flushSendBIO(self) -> None:
+    def flush_send_bio(self) -> None:
         self._drain(2**15)
 
 
 class TLSFactory(TLSMemoryBIOFactory):
     """Server-side TLS around a protocol factory (the HTTP site)."""
 
-    protocol = _BulkTLSTransport
+    protocol = BulkTLSTransport
 
     def __init__(self, creator: ServerTLS, wrapped: Any, clock: Any = None) -> None:
         super().__init__(creator, False, wrapped, clock)
