@@ -13,10 +13,8 @@ to hundreds of requests with the same header, so:
   modification time, size or inode changed. A file that cannot be read or parsed at a
   reload is logged and the users loaded before stay.
 
-``AccessRules`` are ``regmirror.access``: fnmatch patterns on the repository name, as
-the client sent it and as it is named upstream (``alpine`` is also ``library/alpine`` on
-Docker Hub). A name matching a ``deny`` pattern is denied; when ``allow`` patterns exist,
-a name must match one of them.
+The user a request authenticated as is kept beside the request (``authenticated_user``),
+for the access log.
 """
 
 from __future__ import annotations
@@ -25,12 +23,13 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Callable, Iterable
-from fnmatch import fnmatchcase
+from collections.abc import Callable
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.web.server import Request
 
 from regmirror.domain.errors import Unauthorized
 from regmirror.logs import get_logger
@@ -254,22 +253,14 @@ class ClientAuth:
         return error
 
 
-@attrs.frozen
-class AccessRules:
-    """``regmirror.access``: which repositories clients may pull through the mirror."""
+_users: WeakKeyDictionary[Request, str] = WeakKeyDictionary()
 
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
 
-    @property
-    def restricts(self) -> bool:
-        return bool(self.allow or self.deny)
+def authenticated_as(request: Request, user: str) -> None:
+    """Record that ``request`` authenticated as ``user``."""
+    _users[request] = user
 
-    def allows(self, names: Iterable[str]) -> bool:
-        """Whether the repository known by ``names`` (as sent, as named upstream) may be
-        pulled: no name matches a deny pattern, and one matches an allow pattern (if
-        there are any)."""
-        forms = set(names)
-        if any(fnmatchcase(n, p) for p in self.deny for n in forms):
-            return False
-        return not self.allow or any(fnmatchcase(n, p) for p in self.allow for n in forms)
+
+def authenticated_user(request: Request) -> str | None:
+    """The user ``request`` authenticated as, or None."""
+    return _users.get(request)

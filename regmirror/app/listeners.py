@@ -17,16 +17,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from regmirror.api.access import AccessRules
 from regmirror.api.auth import (
-    AccessRules,
     ClientAuth,
     Htpasswd,
     HtpasswdError,
     check_password,
     parse_htpasswd,
 )
-from regmirror.api.resource import RegistrySite, make_site
 from regmirror.config import Config, ConfigError
+from regmirror.http.site import RegistrySite, make_site
 from regmirror.http.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
 from regmirror.mirror.cache import Cache
 from regmirror.mirror.mirrors import Mirrors

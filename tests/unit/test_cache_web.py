@@ -365,7 +365,7 @@ def test_docker_hub_official_images_are_normalised(tmp_path: Path) -> None:
 def test_tls_handshake_on_the_plain_port_is_answered_at_once() -> None:
     from twisted.internet.testing import StringTransport
 
-    from regmirror.api.resource import RegistrySite
+    from regmirror.http.site import RegistrySite
 
     site = RegistrySite(Resource(), access_log=False)
     protocol = site.buildProtocol(None)

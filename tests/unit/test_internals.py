@@ -13,17 +13,20 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from twisted.internet import abstract, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.test.requesthelper import DummyChannel
 from zope.interface import directlyProvides
 
+from regmirror.api.responses import gone
 from regmirror.config import TLSConfig
 from regmirror.http.internals import (
     UPSTREAM_READ_SIZE,
@@ -273,3 +276,14 @@ def test_writes_and_bio_flushes_reach_the_hooks(tmp_path: Path) -> None:
     assert b"".join(received) == b"x" * 100_000
     assert "write" in calls and "flush" in calls
     assert all(isinstance(c, SSL.Connection) for c in connections)
+
+
+# -- what the API relies on (regmirror.api.responses.gone) ----------------------------
+
+
+def test_a_request_drops_its_channel_when_its_connection_is_lost() -> None:
+    request = Request(DummyChannel())  # type: ignore[arg-type]
+    assert request.channel is not None and not gone(request)
+    request.connectionLost(Failure(ConnectionDone()))
+    assert request.channel is None
+    assert gone(request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from regmirror.api.resource import route
+from regmirror.api.router import route
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import DigestInvalid, NameInvalid, TagInvalid, Unsupported
 from regmirror.domain.names import normalize_docker_hub, parse_reference, validate_name

@@ -22,13 +22,14 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from regmirror.api.resource import RegistrySite, route
+from regmirror.api.router import route
 from regmirror.config import Limits, parse_duration, parse_size
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import RegistryError
 from regmirror.domain.media import Accept
 from regmirror.domain.names import parse_reference, validate_name
 from regmirror.domain.ranges import Unsatisfiable, parse_range
+from regmirror.http.site import RegistrySite
 from tests.unit.test_cache_web import Harness
 
 SPEC_CODES = {
@@ -244,7 +245,6 @@ def errors() -> Iterator[list[dict[str, Any]]]:
 
 def send(h: Harness, raw: bytes) -> bytes:
     site = RegistrySite(h.root, limits=Limits(), reactor=h.clock, access_log=False)
-    site.api = h.root.children[b"v2"]
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)

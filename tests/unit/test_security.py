@@ -17,12 +17,15 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from regmirror.api.auth import AccessRules, ClientAuth, Htpasswd, check_password, parse_basic
-from regmirror.api.resource import RegistryAPI, RegistrySite, make_root
+from regmirror.api.access import Access, AccessRules
+from regmirror.api.auth import ClientAuth, Htpasswd, check_password, parse_basic
+from regmirror.api.resource import make_root
+from regmirror.api.stall import StallTimer
 from regmirror.app.listeners import check_files
 from regmirror.config import ConfigError, Limits, TLSConfig, parse_config
-from regmirror.http.limits import StallTimer
+from regmirror.http.site import RegistrySite
 from regmirror.http.tls import ServerTLS, TLSError
+from regmirror.mirror.mirrors import Mirrors
 from tests.support.certs import CA
 from tests.unit.test_cache_web import Harness, error_code, header
 
@@ -249,9 +252,9 @@ def test_access_patterns_match_the_upstream_name_and_prefixed_forms(tmp_path: Pa
 
 def test_the_catalog_lists_only_allowed_repositories(tmp_path: Path) -> None:
     h = Harness(tmp_path, hub=True)
-    api = RegistryAPI(h.cache, access=AccessRules(allow=("library/*", "up/ok/*")))
+    access = Access(AccessRules(allow=("library/*", "up/ok/*")), Mirrors([h.cache]))
     body = json.dumps({"repositories": ["alpine", "ok/a", "no/b"]}).encode()
-    assert json.loads(api._filter_catalog(body))["repositories"] == ["alpine", "ok/a"]
+    assert json.loads(access.filter_catalog(body))["repositories"] == ["alpine", "ok/a"]
 
 
 # -- listener limits --------------------------------------------------------------------

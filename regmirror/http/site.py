@@ -1,0 +1,160 @@
+"""The HTTP server: the site, and its request and channel classes.
+
+``make_site`` builds the ``RegistrySite`` of a listener around the API's resource tree
+(``regmirror.api.resource.make_root``), which requests reach by ordinary traversal.
+The classes here add what the listener needs and Twisted does not do by itself:
+
+- ``RegistryRequest`` keeps HTTP/1.0 ``Connection: keep-alive`` connections open when
+  the response has a Content-Length (Twisted closes every HTTP/1.0 connection) and names
+  the server;
+- ``RegistryChannel`` answers a TLS handshake on a plain-HTTP port at once, and enforces
+  the listener's ``Limits`` (``LimitedChannel``);
+- ``RegistrySite`` writes the access log as a structured event (or not at all) and
+  counts responses by status, for the metrics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from regmirror.api.access import AccessRules
+from regmirror.api.auth import ClientAuth, authenticated_user
+from regmirror.api.resource import make_root
+from regmirror.api.senders import Streaming
+from regmirror.config import Limits
+from regmirror.http.internals import zero_copy_socket
+from regmirror.http.limits import LimitedChannel
+from regmirror.logs import get_logger
+from regmirror.mirror.cache import Cache
+from regmirror.mirror.mirrors import Mirrors
+from twisted import copyright
+
+log = get_logger()
+
+SERVER = f"regmirror (TwistedWeb/{copyright.version})".encode()
+
+
+class RegistryRequest(Request):
+    """A request that keeps HTTP/1.0 keep-alive connections open when the response has
+    a Content-Length (see ``RegistryChannel.keep_alive_1_0``)."""
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self.setHeader(b"server", SERVER)
+            channel = self.channel
+            if self.clientproto == b"HTTP/1.0" and isinstance(channel, RegistryChannel):
+                if channel.keep_alive_1_0:
+                    if self.responseHeaders.hasHeader(b"content-length"):
+                        self.responseHeaders.setRawHeaders(b"connection", [b"Keep-Alive"])
+                    else:
+                        channel.persistent = False
+        super().write(data)
+
+
+class RegistryChannel(LimitedChannel):
+    """An HTTP channel that answers a TLS handshake on a plain-HTTP port at once, as Go's
+    net/http does: clients that try HTTPS first (skopeo, containerd, podman) then fall
+    back to HTTP immediately instead of waiting for their handshake timeout (not on a TLS
+    listener: ``sniff_tls`` is false there). It also keeps HTTP/1.0 ``Connection:
+    keep-alive`` connections (see ``RegistryRequest``), and enforces the listener's
+    ``Limits``."""
+
+    sniff_tls = True
+    keep_alive_1_0 = False
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Asked for every request (a getsockname call each time); it never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
+        if version == b"HTTP/1.0":
+            connection = request.requestHeaders.getRawHeaders(b"connection") or [b""]
+            self.keep_alive_1_0 = b"keep-alive" in connection[0].lower()
+            return self.keep_alive_1_0
+        return bool(super().checkPersistence(request, version))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sniff_tls:
+            self.sniff_tls = False
+            if data[:1] == b"\x16" and self.transport is not None:
+                self.transport.write(
+                    b"HTTP/1.0 400 Bad Request\r\n\r\n"
+                    b"Client sent an HTTP request to an HTTPS server.\n"
+                )
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class RegistrySite(Site):
+    """A ``Site`` whose access log is a structured event (or nothing), whose channels
+    enforce ``limits`` (``idle_timeout`` is the Site's timeout)."""
+
+    protocol = RegistryChannel
+
+    def __init__(
+        self,
+        resource: Resource,
+        *,
+        access_log: bool = True,
+        tls: bool = False,
+        limits: Limits | None = None,
+        **kwargs: Any,
+    ) -> None:
+        limits = limits or Limits()
+        kwargs.setdefault("timeout", limits.idle_timeout or None)
+        super().__init__(resource, requestFactory=RegistryRequest, **kwargs)
+        self.tls = tls
+        self.limits = limits
+        self._access_log = access_log
+        self.responses: Counter[int] = Counter()  # status -> count, for metrics
+        self.noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if isinstance(channel, RegistryChannel):
+            channel.configure(self.limits)
+            channel.sniff_tls = not self.tls
+        return channel
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        self.responses[request.code] += 1
+        if not self._access_log:
+            return
+        address = request.getClientAddress()
+        log.info(
+            '{client} {user} "{method} {uri}" {code} {length}',
+            client=address.host if hasattr(address, "host") else "-",
+            user=authenticated_user(request) or "-",
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1")[:500],
+            code=request.code,
+            length=request.sentLength,
+        )
+
+
+def make_site(
+    cache: Cache | Mirrors,
+    *,
+    reactor: IReactorTime,
+    access_log: bool = True,
+    tls: bool = False,
+    auth: ClientAuth | None = None,
+    access: AccessRules | None = None,
+    limits: Limits | None = None,
+) -> RegistrySite:
+    """The site of a listener: the API behind ``auth`` and ``access``, within
+    ``limits``; blobs go out with sendfile where the connection allows it, and a client
+    that stops reading one is cut after the idle timeout."""
+    limits = limits or Limits()
+    streaming = Streaming(reactor, limits.idle_timeout, zero_copy_socket)
+    root = make_root(cache, auth=auth, access=access, limits=limits, streaming=streaming)
+    return RegistrySite(root, access_log=access_log, tls=tls, limits=limits, reactor=reactor)
