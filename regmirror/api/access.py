@@ -8,7 +8,8 @@ hold rules for several upstreams. A name matching a ``deny`` pattern is denied; 
 ``allow`` patterns exist, a name must match one of them.
 
 ``Access`` applies the rules with those names, in one place, to requests (before any
-upstream request) and to the catalog.
+upstream request) and to the catalog, whose entries are routed as a request for them
+would be: ``ghcr.io/owner/app`` is checked with ghcr.io's naming.
 """
 
 from __future__ import annotations
@@ -73,4 +74,5 @@ class Access:
         return json.dumps(doc).encode()
 
     def _listed(self, entry: str) -> bool:
-        return self.allows(entry, entry, self._mirrors.default)
+        cache, name = self._mirrors.pick(entry)
+        return self.allows(entry, name, cache)

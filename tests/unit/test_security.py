@@ -6,6 +6,7 @@ import base64
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import bcrypt
@@ -22,7 +23,8 @@ from regmirror.api.auth import ClientAuth, Htpasswd, check_password, parse_basic
 from regmirror.api.resource import make_root
 from regmirror.api.stall import StallTimer
 from regmirror.app.listeners import check_files
-from regmirror.config import ConfigError, Limits, TLSConfig, parse_config
+from regmirror.config import ConfigError, Limits, TLSConfig, UpstreamConfig, parse_config
+from regmirror.domain.names import normalize_docker_hub
 from regmirror.http.site import RegistrySite
 from regmirror.http.tls import ServerTLS, TLSError
 from regmirror.mirror.mirrors import Mirrors
@@ -255,6 +257,44 @@ def test_the_catalog_lists_only_allowed_repositories(tmp_path: Path) -> None:
     access = Access(AccessRules(allow=("library/*", "up/ok/*")), Mirrors([h.cache]))
     body = json.dumps({"repositories": ["alpine", "ok/a", "no/b"]}).encode()
     assert json.loads(access.filter_catalog(body))["repositories"] == ["alpine", "ok/a"]
+
+
+class NamedUpstream:
+    """What routing and the access rules read of an upstream: its names."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.name = config.name
+        self.config = config
+
+    def repository(self, name: str) -> str:
+        return normalize_docker_hub(name) if self.config.docker_hub else name
+
+
+def upstream_named(name: str, url: str, *, hub: bool = False, aliases: tuple[str, ...] = ()) -> Any:
+    config = UpstreamConfig(name, url, "", "", hub, aliases)
+    return SimpleNamespace(upstream=NamedUpstream(config), inflight=None)
+
+
+def test_the_catalog_checks_each_entry_with_the_naming_of_its_upstream() -> None:
+    mirrors = Mirrors(
+        [
+            upstream_named("docker.io", "https://registry-1.docker.io", hub=True),
+            upstream_named("ghcr.io", "https://ghcr.io", aliases=("ghcr",)),
+        ]
+    )
+    body = json.dumps(
+        {"repositories": ["alpine", "ghcr.io/owner/app", "ghcr.io/other/app", "team/app"]}
+    ).encode()
+
+    def listed(**rules: tuple[str, ...]) -> list[str]:
+        filtered = Access(AccessRules(**rules), mirrors).filter_catalog(body)
+        return list(json.loads(filtered)["repositories"])
+
+    # "owner/*" is ghcr.io's own name for ghcr.io/owner/app, as a pull of it is checked.
+    assert listed(allow=("library/*", "owner/*")) == ["alpine", "ghcr.io/owner/app"]
+    # Docker Hub's prefixed names are not ghcr.io's.
+    assert listed(deny=("docker.io/*",)) == ["ghcr.io/owner/app", "ghcr.io/other/app"]
+    assert listed(deny=("ghcr.io/other/*",)) == ["alpine", "ghcr.io/owner/app", "team/app"]
 
 
 # -- listener limits --------------------------------------------------------------------
