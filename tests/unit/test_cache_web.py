@@ -1,5 +1,6 @@
-"""The mirror end to end without sockets: StubTreq clients against the real Resource
-tree, whose upstream is a StubTreq over an in-memory registry (regmirror.testing)."""
+"""The mirror end to end without sockets: in-memory HTTP clients of the production site
+(tests.support.sitestub), whose upstream is a StubTreq over an in-memory registry
+(regmirror.testing)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from regmirror.api.resource import make_root
 from regmirror.config import UpstreamConfig
 from regmirror.domain.digest import Digest
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
 from regmirror.fetch.inflight import LocalInFlight
+from regmirror.http.site import make_site
 from regmirror.mirror.cache import Cache
 from regmirror.mirror.manifests import ManifestLRU
 from regmirror.storage.store import Store
@@ -28,6 +30,7 @@ from regmirror.testing import FakeRegistry, digest_of
 from regmirror.upstream.client import Upstream
 from regmirror.upstream.credentials import Credentials
 from regmirror.upstream.remote import RemoteRegistry
+from tests.support.sitestub import StubSite
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
@@ -92,8 +95,14 @@ class Harness:
             tag_freshness=freshness,
             fsync=False,
         )
-        self.root: Resource = make_root(self.cache)
-        self.client = StubTreq(self.root)
+        self.serve()
+
+    def serve(self, **kwargs: Any) -> None:
+        """Serve the cache on the production site, request and channel classes, in
+        memory (``kwargs`` go to ``make_site``: auth, access)."""
+        self.site = make_site(self.cache, reactor=MemoryReactorClock(), **kwargs)
+        self.root: Resource = self.site.resource
+        self.client = StubSite(self.site)
 
     def pump(self) -> None:
         for _ in range(20):

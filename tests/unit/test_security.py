@@ -11,7 +11,6 @@ from typing import Any
 
 import bcrypt
 import pytest
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,7 +19,6 @@ from twisted.web.resource import Resource
 
 from regmirror.api.access import Access, AccessRules
 from regmirror.api.auth import ClientAuth, Htpasswd, check_password, parse_basic
-from regmirror.api.resource import make_root
 from regmirror.api.stall import StallTimer
 from regmirror.app.listeners import check_files
 from regmirror.config import ConfigError, Limits, TLSConfig, UpstreamConfig, parse_config
@@ -179,8 +177,7 @@ class AuthHarness(Harness):
         self.htpasswd = Htpasswd(str(users), self.clock)
         self.htpasswd.load()
         auth = ClientAuth(self.htpasswd, 'Registry "Realm"', anonymous_read=anonymous)
-        self.root = make_root(self.cache, auth=auth, access=AccessRules(**rules))
-        self.client = StubTreq(self.root)
+        self.serve(auth=auth, access=AccessRules(**rules))
 
 
 def test_without_credentials_everything_under_v2_is_401_with_a_basic_challenge(
