@@ -64,7 +64,9 @@ def _same_site(a: str, b: str) -> bool:
 
 
 class Upstream:
-    """One upstream registry."""
+    """The HTTP client of one upstream registry: requests under its URL, authenticated
+    as it challenges, behind its circuit breaker (``RemoteRegistry`` says what the
+    requests mean)."""
 
     def __init__(
         self,
