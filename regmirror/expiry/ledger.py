@@ -19,12 +19,12 @@ import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 
 import attrs
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
+from regmirror.reactor import ReactorTime
 from regmirror.storage.store import Stored
 
 
@@ -37,13 +37,13 @@ class Entry:
 
 
 class Ledger:
-    """Entries of one store. ``clock`` is the reactor (IReactorTime: an eviction that
-    ``added`` asks for runs one turn later); ``wall_clock`` gives the last-use times,
+    """Entries of one store. ``clock`` is the reactor's time (an eviction that ``added``
+    asks for runs one turn later); ``wall_clock`` gives the last-use times,
     which survive restarts."""
 
     def __init__(
         self,
-        clock: Any,
+        clock: ReactorTime,
         *,
         ttl: float,
         max_size: int = 0,

@@ -18,19 +18,20 @@ entry are adopted with their mtime as last use. Missing or corrupt state is rebu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
-from regmirror.domain.references import manifest_references as _references
 from regmirror.expiry.ledger import Entry, Ledger
 from regmirror.expiry.state import StateDB
 from regmirror.logs import get_logger
+from regmirror.reactor import ReactorTime
 from regmirror.storage.store import Store, Stored
 
 log = get_logger()
@@ -40,29 +41,17 @@ BATCH = 1000  # files deleted per call in a thread
 
 RunInThread = Callable[..., "Deferred[Any]"]
 
-# Old names, until the mirror uses the ledger (regmirror.expiry.usage.Usage) directly.
-BLOB, MANIFEST = Kind.BLOB, Kind.MANIFEST
-
-
-def manifest_references(data: bytes) -> tuple[str, ...]:
-    """Old name and type: ``regmirror.domain.references.manifest_references`` as text."""
-    return tuple(str(d) for d in _references(data))
-
-
-def _digest(key: Digest | str) -> Digest:
-    return key if isinstance(key, Digest) else Digest.parse(key)
-
 
 class Reaper(Service):
-    """Expiry and quota for one store and its ledger. ``clock`` is the reactor
-    (IReactorTime); ``run_in_thread(f, *args)`` runs blocking work off the reactor
+    """Expiry and quota for one store and its ledger. ``clock`` is the reactor's
+    time; ``run_in_thread(f, *args)`` runs blocking work off the reactor
     thread and returns a Deferred (unit tests pass a synchronous one); ``in_use(digest)``
     says what is being read or written now; ``on_removed(kind, digest)`` is told of
     every entry removed."""
 
     def __init__(
         self,
-        clock: Any,
+        clock: ReactorTime,
         store: Store,
         ledger: Ledger,
         *,
@@ -100,22 +89,6 @@ class Reaper(Service):
     def max_size(self) -> int:
         return self.ledger.max_size
 
-    # -- old names, until the mirror uses the ledger ----------------------------------
-
-    def added(
-        self, kind: str, digest: Digest | str, size: int, refs: Iterable[Digest | str] = ()
-    ) -> None:
-        self.ledger.added(Kind(kind), _digest(digest), size, tuple(map(_digest, refs)))
-
-    def used(self, digest: Digest | str) -> None:
-        self.ledger.used(_digest(digest))
-
-    def reserve(self, digest: Digest, size: int) -> bool:
-        return self.ledger.reserve(digest, size)
-
-    def release(self, digest: Digest) -> None:
-        self.ledger.release(digest)
-
     # -- lifecycle -------------------------------------------------------------------
 
     def startService(self) -> None:
@@ -127,7 +100,7 @@ class Reaper(Service):
     def _start_loop(self) -> None:
         if self.interval > 0 and self.running:
             self._loop = LoopingCall(self.tick)
-            self._loop.clock = self._clock
+            self._loop.clock = cast(IReactorTime, self._clock)  # the same, as a zope type
             self._loop.start(self.interval, now=True).addErrback(
                 lambda f: log.failure("the reaper stopped", f)
             )
