@@ -6,27 +6,19 @@ Pure code: ``parse_config`` turns a mapping into a frozen ``Config`` or raises
 - ``parsers``: one parser per kind of value (durations, sizes, URLs, names, ...)
 - ``schema``: the keys (``SCHEMA``: parser and default; ``DISTRIBUTION_KEYS``: accepted,
   not implemented)
-- ``model``: the frozen classes (``Config`` and its parts)
+- ``model``: the frozen classes (``Config`` and its parts; those only ``Config`` refers
+  to, ``AccessConfig`` and ``AuthConfig``, are imported from here)
 - ``load``: ``parse_config``, ``load_config``
 """
 
 from regmirror.config.load import ConfigError, load_config, parse_config
-from regmirror.config.model import (
-    AccessConfig,
-    AuthConfig,
-    Config,
-    Limits,
-    TLSConfig,
-    UpstreamConfig,
-)
+from regmirror.config.model import Config, Limits, TLSConfig, UpstreamConfig
 from regmirror.config.parsers import listen_endpoint, parse_duration, parse_size
 from regmirror.config.schema import DISTRIBUTION_KEYS, SCHEMA
 
 __all__ = [
     "DISTRIBUTION_KEYS",
     "SCHEMA",
-    "AccessConfig",
-    "AuthConfig",
     "Config",
     "ConfigError",
     "Limits",
