@@ -29,7 +29,7 @@ from weakref import WeakKeyDictionary
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.web.server import Request
+from twisted.web.http import Request
 
 from regmirror.domain.errors import Unauthorized
 from regmirror.logs import get_logger

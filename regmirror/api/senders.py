@@ -366,7 +366,7 @@ class PassThroughSender(BodyProtocol):
 
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            IPushProducer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if gone(self._request):

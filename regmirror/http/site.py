@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -125,7 +126,7 @@ class RegistrySite(Site):
             channel.sniff_tls = not self.tls
         return channel
 
-    def log(self, request: Request) -> None:  # type: ignore[override]
+    def log(self, request: http.Request) -> None:
         self.responses[request.code] += 1
         if not self._access_log:
             return
