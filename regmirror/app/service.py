@@ -54,7 +54,7 @@ class Options(usage.Options):
 
 def build(
     config: Config, reactor: Any, tls: ServerTLS | None = None
-) -> tuple[service.MultiService, Cache]:
+) -> service.MultiService:
     """The service tree for a configuration (the reactor injected)."""
     logs.set_level(config.log_level)
     store = Store(config.root)
@@ -123,14 +123,13 @@ def build(
         in_use=inflight.in_use,
         on_removed=mirrors.forget,
     )
-    cache = mirrors.default
     top = service.MultiService()
     reaper.setServiceParent(top)
     site = add_listener(top, config, mirrors, reactor, tls)
     if config.metrics_path:
         resource = metrics_resource(mirrors, reaper, site.responses)
         site.resource.putChild(config.metrics_path[1:].encode(), resource)
-    return top, cache
+    return top
 
 
 def makeService(options: Options) -> service.MultiService:
@@ -139,7 +138,7 @@ def makeService(options: Options) -> service.MultiService:
     config, warnings = options.loaded
     for warning in warnings:
         log.warn("{warning}", warning=warning)
-    top, _ = build(config, reactor, options.tls)
+    top = build(config, reactor, options.tls)
     log.info(
         "regmirror mirroring {upstreams} into {root}, listening on {listen}",
         upstreams=", ".join(
