@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import MakeMirror, MakeUpstream
-from tests.support.certs import CA, Issued
+from tests.support.certs import CA, Issued, tls_config
 from tests.support.dockerd import Dockerd
 from tests.support.images import Blob, Image, Manifest, Platform
 from tests.support.mirror import Mirror
@@ -137,15 +137,7 @@ class DockerTLS:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     def extra(self) -> dict[str, Any]:
-        assert self.server.cert_path and self.server.key_path
-        return {
-            "http": {
-                "tls": {
-                    "certificate": str(self.server.cert_path),
-                    "key": str(self.server.key_path),
-                }
-            }
-        }
+        return tls_config(self.server)
 
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()

@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from tests.integration.conftest import MakeMirror
-from tests.support.certs import CA, Issued
+from tests.support.certs import CA, Issued, tls_config
 from tests.support.images import Image, push_images
 from tests.support.mirror import Mirror
 from tests.support.ports import LOOPBACK
@@ -65,16 +65,7 @@ class TLSMirror:
         self.server = self.ca.issue("mirror-1").write(base, "server")
 
     def extra(self, **tls: Any) -> dict[str, Any]:
-        assert self.server.cert_path and self.server.key_path
-        return {
-            "http": {
-                "tls": {
-                    "certificate": str(self.server.cert_path),
-                    "key": str(self.server.key_path),
-                    **tls,
-                }
-            }
-        }
+        return tls_config(self.server, **tls)
 
 
 def start(make_mirror: MakeMirror, upstream_url: str, extra: dict[str, Any], **kw: Any) -> Mirror:

@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -52,6 +53,13 @@ class Issued:
         self.cert_path.write_bytes(self.cert_pem + chain)
         self.key_path.write_bytes(self.key_pem)
         return self
+
+
+def tls_config(server: Issued, **tls: Any) -> dict[str, Any]:
+    """The ``http.tls`` part of a mirror's config serving ``server``'s written files."""
+    assert server.cert_path and server.key_path
+    tls = {"certificate": str(server.cert_path), "key": str(server.key_path), **tls}
+    return {"http": {"tls": tls}}
 
 
 class CA:
