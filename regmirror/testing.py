@@ -53,6 +53,9 @@ class FakeRegistry(Resource):
         self.served_blobs: dict[str, bytes] = {}  # what to send instead of the real bytes
         # repository -> the only digests it may serve (blobs and manifests), if listed
         self.private: dict[str, set[str]] = {}
+        # (remaining, limit): Docker Hub's ratelimit-* headers on every answer; as
+        # there, each manifest GET (not a HEAD) takes one from remaining
+        self.ratelimit: tuple[int, int] | None = None
 
     def add_blob(self, data: bytes) -> str:
         digest = digest_of(data)
@@ -86,6 +89,13 @@ class FakeRegistry(Resource):
         method = request.method.decode()
         path = request.path.decode()
         self.requests[(method, path)] += 1
+        if self.ratelimit is not None:
+            remaining, limit = self.ratelimit
+            if method == "GET" and "/manifests/" in path:
+                remaining = max(remaining - 1, 0)
+                self.ratelimit = (remaining, limit)
+            request.setHeader(b"ratelimit-remaining", b"%d;w=21600" % remaining)
+            request.setHeader(b"ratelimit-limit", b"%d;w=21600" % limit)
         if self.down:
             request.setResponseCode(503)
             return b'{"errors":[{"code":"UNAVAILABLE","message":"down"}]}'

@@ -8,7 +8,7 @@ here costs a request more than an addition.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -146,8 +146,14 @@ class MetricsResource(Resource):
 
 
 def metrics_resource(
-    mirrors: Mirrors, reaper: Reaper | None, responses: Counter[int]
+    mirrors: Mirrors,
+    reaper: Reaper | None,
+    responses: Counter[int],
+    collectors: Iterable[Collector] = (),
 ) -> MetricsResource:
+    """``collectors``: more metrics, beside the mirror's (prefetch policies, ...)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MirrorCollector(mirrors, reaper, responses))
+    for collector in collectors:
+        registry.register(collector)
     return MetricsResource(registry)

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from regmirror import logs
 from regmirror.api.metrics import metrics_resource
+from regmirror.api.prefetch_metrics import PrefetchCollector
 from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.expiry.ledger import Ledger
@@ -23,6 +24,7 @@ from regmirror.mirror.cache import Cache
 from regmirror.mirror.freshness import LocalTagFreshness
 from regmirror.mirror.manifests import ManifestLRU
 from regmirror.mirror.mirrors import Mirrors
+from regmirror.mirror.prefetch import PrefetchService
 from regmirror.storage.store import Store
 from regmirror.upstream.client import Upstream
 from regmirror.upstream.credentials import Credentials
@@ -126,8 +128,19 @@ def build(
     top = service.MultiService()
     reaper.setServiceParent(top)
     site = add_listener(top, config, mirrors, reactor, tls)
+    prefetch = PrefetchService(
+        reactor,
+        mirrors,
+        config.prefetch,
+        reserve=config.prefetch_reserve,
+        concurrency=config.prefetch_concurrency,
+    )
+    prefetch.setName("prefetch")  # top.getServiceNamed("prefetch").status()
+    prefetch.setServiceParent(top)
     if config.metrics_path:
-        resource = metrics_resource(mirrors, reaper, site.responses)
+        resource = metrics_resource(
+            mirrors, reaper, site.responses, [PrefetchCollector(prefetch)]
+        )
         site.resource.putChild(config.metrics_path[1:].encode(), resource)
     return top
 

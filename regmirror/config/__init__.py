@@ -12,7 +12,14 @@ Pure code: ``parse_config`` turns a mapping into a frozen ``Config`` or raises
 """
 
 from regmirror.config.load import ConfigError, load_config, parse_config
-from regmirror.config.model import Config, Limits, TLSConfig, UpstreamConfig
+from regmirror.config.model import (
+    Config,
+    Limits,
+    PrefetchPolicy,
+    Reserve,
+    TLSConfig,
+    UpstreamConfig,
+)
 from regmirror.config.parsers import listen_endpoint, parse_duration, parse_size
 from regmirror.config.schema import DISTRIBUTION_KEYS, SCHEMA
 
@@ -22,6 +29,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "Limits",
+    "PrefetchPolicy",
+    "Reserve",
     "TLSConfig",
     "UpstreamConfig",
     "listen_endpoint",

@@ -19,6 +19,7 @@ from regmirror.config.model import (
     UpstreamConfig,
 )
 from regmirror.config.parsers import listen_endpoint
+from regmirror.config.prefetch import build_policies
 from regmirror.config.schema import DISTRIBUTION_KEYS, SCHEMA
 from regmirror.domain.names import DOCKER_HUB_HOSTS
 
@@ -85,6 +86,10 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
     docker_hub = (urlsplit(url).hostname or "") in DOCKER_HUB_HOSTS
     name = values["regmirror.upstream_name"] or ("docker.io" if docker_hub else host)
     upstreams = _build_upstreams(values, source, name, url, docker_hub)
+    try:
+        prefetch = build_policies(values["regmirror.prefetch"], upstreams)
+    except ValueError as e:
+        raise ConfigError(f"{source}: regmirror.prefetch:{e}") from None
     warnings = []
     if ignored:
         warnings.append(
@@ -132,6 +137,9 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         max_size=values["regmirror.max_size"],
         high_watermark=values["regmirror.high_watermark"],
         low_watermark=values["regmirror.low_watermark"],
+        prefetch=prefetch,
+        prefetch_reserve=values["regmirror.prefetch_reserve"],
+        prefetch_concurrency=values["regmirror.prefetch_concurrency"],
         ignored=tuple(sorted(ignored)),
     )
     return config, warnings

@@ -51,6 +51,35 @@ class AccessConfig:
 
 
 @attrs.frozen
+class Reserve:
+    """What prefetching leaves of an upstream's rate limit for on-demand pulls: a count
+    of requests, or a share of the limit (``percent``)."""
+
+    value: float
+    percent: bool = True
+
+    def requests(self, limit: int | None) -> int | None:
+        """The reserve in requests (None: a share of a limit the upstream never sent)."""
+        if not self.percent:
+            return int(self.value)
+        return None if limit is None else int(-(-self.value * limit // 100))
+
+
+@attrs.frozen
+class PrefetchPolicy:
+    """One entry of ``regmirror.prefetch``: which tags to keep warm, and how often."""
+
+    name: str
+    upstream: str  # the upstream's name
+    repositories: tuple[str, ...]
+    tags: tuple[str, ...] = ("latest",)
+    exclude: tuple[str, ...] = ()
+    interval: float = 900.0
+    platforms: tuple[str, ...] = ()  # os/arch[/variant]; empty: every platform
+    reserve: Reserve | None = None  # None: regmirror.prefetch_reserve
+
+
+@attrs.frozen
 class Limits:
     """What one client may ask of the listener."""
 
@@ -92,6 +121,9 @@ class Config:
     max_size: int = 0
     high_watermark: float = 0.95
     low_watermark: float = 0.85
+    prefetch: tuple[PrefetchPolicy, ...] = ()
+    prefetch_reserve: Reserve = Reserve(20.0)
+    prefetch_concurrency: int = 3
     ignored: tuple[str, ...] = ()
 
     @property

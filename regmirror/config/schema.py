@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from regmirror.config.model import Reserve
 from regmirror.config.parsers import (
     boolean,
     choice,
@@ -21,6 +22,7 @@ from regmirror.config.parsers import (
     tls_version,
     url,
 )
+from regmirror.config.prefetch import concurrency, policy_list, reserve
 
 UPSTREAM_KEYS: dict[str, Callable[[object], Any]] = {
     "name": registry_name,
@@ -106,6 +108,9 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.max_size": (parse_size, 0),
     "regmirror.high_watermark": (fraction, 0.95),
     "regmirror.low_watermark": (fraction, 0.85),
+    "regmirror.prefetch": (policy_list, ()),
+    "regmirror.prefetch_reserve": (reserve, Reserve(20.0)),
+    "regmirror.prefetch_concurrency": (concurrency, 3),
 }
 
 # Sections and keys of the distribution registry's format that regmirror accepts but

@@ -95,6 +95,10 @@ class Cache:
     async def blob_size(self, name: str, digest: Digest) -> int:
         return await self._blobs.blob_size(name, digest)
 
+    def has_blob(self, digest: Digest) -> bool:
+        """The blob is in the store (verified), whoever asked for it."""
+        return self._store.blob_size(digest) is not None
+
     # -- manifests -------------------------------------------------------------------
 
     async def manifest(self, name: str, reference: str | Digest, accept: Accept) -> Manifest:
@@ -117,6 +121,11 @@ class Cache:
 
     def cached_manifest(self, digest: Digest) -> Manifest | None:
         return self._manifests.cached(digest)
+
+    def cached_tag(self, name: str, tag: str, accept: Accept) -> Manifest | None:
+        """What the tag resolves to in the cache now, without asking upstream, however
+        long ago it was checked (None: not cached)."""
+        return self._tags.cached(self.upstream.repository(name), tag, accept)
 
     # -- tags and catalog ------------------------------------------------------------
 

@@ -70,6 +70,11 @@ class Tags:
             return None
         return self._manifests.cached(digest)
 
+    def cached(self, repository: str, tag: str, accept: Accept) -> Manifest | None:
+        """The cached manifest a tag resolves to now, however long ago it was checked."""
+        picked = _pick(self._load(self._ref(repository, tag)), accept)
+        return self._manifests.cached(picked[1]) if picked is not None else None
+
     async def resolve(self, repository: str, tag: str, accept: Accept) -> Manifest:
         manifest = self.fresh(repository, tag, accept)
         if manifest is not None:

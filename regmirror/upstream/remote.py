@@ -96,6 +96,7 @@ class RemoteRegistry:
         self.read_timeout = read_timeout
         self.max_body = max_body
         self.ratelimit_remaining: str | None = None  # Docker Hub's header, last seen
+        self.ratelimit_limit: str | None = None  # and its ratelimit-limit
 
     # -- what the layers above ask of an upstream ------------------------------------
 
@@ -229,6 +230,9 @@ class RemoteRegistry:
         response = await self._upstream.request(
             method, path, repository, headers, unbuffered=unbuffered
         )
+        limit = response.headers.getRawHeaders("ratelimit-limit")
+        if limit:
+            self.ratelimit_limit = limit[0]
         remaining = response.headers.getRawHeaders("ratelimit-remaining")
         if remaining and remaining[0] != self.ratelimit_remaining:
             self.ratelimit_remaining = remaining[0]
