@@ -36,7 +36,11 @@ from regmirror.domain.errors import RegistryError, Unsupported
 from regmirror.domain.media import Accept
 from regmirror.mirror.cache import Cache
 from regmirror.mirror.mirrors import Mirrors
+from regmirror.mirror.sources import CommittedBlob
 
+# Whether a manifest or blob came from the cache (HIT) or the upstream was asked (MISS):
+# what ``regmirror prefetch`` counts as cached and fetched.
+X_CACHE, HIT, MISS = b"x-cache", b"HIT", b"MISS"
 MAX_ROUTES = 10_000  # (method, path) -> Route remembered
 MAX_ACCEPTS = 1_000  # Accept headers parsed and remembered
 
@@ -140,6 +144,7 @@ class RegistryAPI(Resource):
             if r.kind is RouteKind.MANIFEST:
                 manifest = cache.fresh_manifest(r.name, r.reference, self._accept(request))
                 if manifest is not None:
+                    request.setHeader(X_CACHE, HIT)
                     return manifest_body(request, manifest)
         except RegistryError as e:
             return render_error(request, e)
@@ -165,6 +170,7 @@ class RegistryAPI(Resource):
         match r.kind:
             case RouteKind.MANIFEST:
                 manifest = await cache.manifest(r.name, r.reference, self._accept(request))
+                request.setHeader(X_CACHE, MISS)
                 request.write(manifest_body(request, manifest))
                 request.finish()
             case RouteKind.BLOB:
@@ -189,6 +195,8 @@ class RegistryAPI(Resource):
             request.finish()
             return
         source = await cache.blob(name, digest)
+        hit = isinstance(source, CommittedBlob) and not source.fetched
+        request.setHeader(X_CACHE, HIT if hit else MISS)
         make_sender(request, digest, source, self._streaming).start()
 
 

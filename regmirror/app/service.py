@@ -12,9 +12,11 @@ from twisted.python import usage
 from regmirror import logs
 from regmirror.api.metrics import metrics_resource
 from regmirror.api.prefetch_metrics import PrefetchCollector
+from regmirror.app.admin import add_admin_listener
 from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.expiry.ledger import Ledger
+from regmirror.expiry.purge import Purger
 from regmirror.expiry.reaper import Reaper
 from regmirror.fetch.inflight import LocalInFlight
 from regmirror.fetch.writers import threaded_writers
@@ -128,6 +130,15 @@ def build(
     top = service.MultiService()
     reaper.setServiceParent(top)
     site = add_listener(top, config, mirrors, reactor, tls)
+    purger = Purger(
+        store,
+        run_in_thread=run_in_thread,
+        in_use=inflight.in_use,
+        drop=ledger.drop,
+        on_removed=mirrors.forget,
+        on_tag_removed=mirrors.forget_tag,
+    )
+    add_admin_listener(top, store, purger, reactor)
     prefetch = PrefetchService(
         reactor,
         mirrors,

@@ -70,6 +70,32 @@ class StateDB:
                     pass
             return None
 
+    def peek(self) -> dict[Digest, Entry]:
+        """The saved entries, read-only (another process, the CLI, while a mirror may
+        run): rows that do not parse are left out, nothing is changed or created."""
+        if not self.path.exists():
+            return {}
+        try:
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+            try:
+                rows = list(db.execute("SELECT digest, kind, size, last_used, refs FROM entries"))
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return {}
+        found = {}
+        for digest, kind, size, last_used, refs in rows:
+            try:
+                found[Digest.parse(digest)] = Entry(
+                    Kind(kind),
+                    int(size),
+                    float(last_used),
+                    tuple(Digest.parse(ref) for ref in json.loads(refs)),
+                )
+            except (ValueError, TypeError, DigestInvalid):
+                continue
+        return found
+
     def save(self, changes: dict[Digest, Entry | None]) -> None:
         """Write what changed: an entry, or None for one that was removed."""
         db = self._connect()

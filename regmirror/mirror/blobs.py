@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import attrs
+
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import Unavailable
 from regmirror.domain.kinds import Kind
@@ -96,7 +98,7 @@ class Blobs:
                 "the upstream did not deliver the blob intact; try again",
                 {"digest": str(digest)},
             )
-        return cached
+        return attrs.evolve(cached, fetched=True)
 
     async def blob_size(self, name: str, digest: Digest) -> int:
         """For ``HEAD``: the size of a blob, asking upstream (without fetching) on a miss."""

@@ -155,3 +155,7 @@ class Cache:
         if kind == Kind.MANIFEST:
             self._lru.forget(digest)
             self._tags.forget_digest(digest)
+
+    def forget_tag(self, repository: str, tag: str) -> None:
+        """A tag was purged (``repository`` as the store names it)."""
+        self._tags.forget_tag(repository, tag)

@@ -126,6 +126,12 @@ class Mirrors:
         for cache in self.caches:
             cache.forget(kind, digest)
 
+    def forget_tag(self, upstream: str, repository: str, tag: str) -> None:
+        """A tag of ``upstream``'s ``repository`` (as the store names them) was purged."""
+        for cache in self.caches:
+            if cache.upstream.name == upstream:
+                cache.forget_tag(repository, tag)
+
     async def catalog(self, n: int | None, last: str | None) -> tuple[bytes, str | None]:
         names: list[str] = []
         for cache in self.caches:

@@ -21,11 +21,14 @@ def _noop() -> None:
 
 @attrs.frozen
 class CommittedBlob:
-    """A verified blob on disk: an open descriptor and its size; ``release`` when done."""
+    """A verified blob on disk: an open descriptor and its size; ``release`` when done.
+    ``fetched``: it was not in the cache when asked for (this request waited for its
+    fetch)."""
 
     fd: int
     size: int
     release: Callable[[], None] = _noop
+    fetched: bool = False
 
 
 @attrs.frozen

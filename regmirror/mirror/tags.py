@@ -158,6 +158,10 @@ class Tags:
         self._freshness.forget(ref)
         self._store.delete_tag(ref.upstream, ref.repository, ref.tag)
 
+    def forget_tag(self, repository: str, tag: str) -> None:
+        """The tag was purged: drop it from memory and the store."""
+        self._forget(self._ref(repository, tag))
+
     def forget_digest(self, digest: Digest) -> None:
         """The manifest ``digest`` was removed (the store dropped its tags): tags that
         resolved to it are read again."""

@@ -10,9 +10,12 @@ Layout (DESIGN.md)::
     ROOT/repositories/UP/NAME/_taglist.json             the last full tag list seen
     ROOT/_tmp/                              in-flight downloads (swept at start-up)
     ROOT/_state/reaper.sqlite3              the reaper's ledger
+    ROOT/_state/admin.sock                  the running mirror's admin socket (the CLI's)
+    ROOT/_quarantine/sha256/<hex>           content that failed ``regmirror fsck``
 
-No other module builds a path in it: the reaper asks for a ``scan`` and for ``remove``,
-the mirror for ``has_link``.
+No module outside this package builds a path in it: the reaper asks for a ``scan`` and
+for ``remove``, the mirror for ``has_link``; ``regmirror.storage.repositories`` reads
+the repositories whole, ``regmirror.storage.check`` re-hashes and quarantines.
 
 Every path is built from names and digests that were validated before they got here
 (``regmirror.domain.names``, ``regmirror.domain.digest``); content becomes visible only
@@ -71,6 +74,8 @@ class Store:
         self.tmp = self.root / "_tmp"
         self.state = self.root / "_state"
         self.reaper_state = self.state / "reaper.sqlite3"
+        self.admin_socket = self.state / "admin.sock"
+        self.quarantine = self.root / "_quarantine"
 
     def prepare(self) -> int:
         """Create the directories and sweep the leftovers of a crash; returns files swept."""

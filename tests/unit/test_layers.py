@@ -1,7 +1,7 @@
 """Imports go one way (DESIGN.md): each module of regmirror imports only from its own
 layer and the layers below it.
 
-    app > http > api > mirror > {expiry, fetch, upstream, storage} > domain
+    cli > app > http > api > mirror > {expiry, fetch, upstream, storage} > domain
 
 ``regmirror.config``, ``regmirror.logs`` and ``regmirror.reactor`` (typing only) are
 usable by every layer; config and domain import nothing above them (config uses domain,
@@ -35,6 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"domain", "storage", "upstream", "fetch", "expiry", "mirror"} | SHARED,
     "http": {"domain", "storage", "upstream", "fetch", "expiry", "mirror", "api"} | SHARED,
     "app": {"domain", "storage", "upstream", "fetch", "expiry", "mirror", "api", "http"} | SHARED,
+    # the command line, the top like app (it may import anything)
+    "cli": {"domain", "storage", "upstream", "fetch", "expiry", "mirror", "api", "http", "app"}
+    | SHARED,
 }
 EXEMPT = {"testing", "__init__"}  # regmirror.testing may use anything; the package root
 
