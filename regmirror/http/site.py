@@ -15,11 +15,15 @@ The classes here add what the listener needs and Twisted does not do by itself:
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -40,20 +44,54 @@ log = get_logger()
 SERVER = f"regmirror (TwistedWeb/{copyright.version})".encode()
 
 
+_date: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The ``Date`` header, formatted once a second (not once a request)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, datetimeToString(now))
+    return _date[1]
+
+
 class RegistryRequest(Request):
     """A request that keeps HTTP/1.0 keep-alive connections open when the response has
-    a Content-Length (see ``RegistryChannel.keep_alive_1_0``)."""
+    a Content-Length (see ``RegistryChannel.keep_alive_1_0``), and that reaches its
+    resource by the Resource tree's traversal with less work per request than
+    ``Request.process``."""
+
+    def process(self) -> None:
+        """``Request.process``, leaner on the hot path (a cached manifest is answered in
+        ~150 µs, so each µs shows): the ``Date`` header formatted once a second, our
+        ``Server`` header set once, path segments unquoted only when they hold a ``%``.
+        Traversal is still ``Site.getResourceFor``: the one way into the API. No
+        encoding resources (gzip wrappers) are used here, so their check is left out;
+        the rare ``*`` target goes to Twisted's own ``process``."""
+        if self.path == b"*":
+            super().process()
+            return
+        channel = self.channel
+        assert isinstance(channel, RegistryChannel)  # RegistrySite's protocol
+        site = channel.site  # getResourceFor sets self.site
+        self.setHeader(b"server", SERVER)
+        self.setHeader(b"date", http_date())
+        self.prepath = []
+        self.postpath = [unquote(s) if b"%" in s else s for s in self.path[1:].split(b"/")]
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
-        if not self.startedWriting:
-            self.setHeader(b"server", SERVER)
+        if not self.startedWriting and self.clientproto == b"HTTP/1.0":
             channel = self.channel
-            if self.clientproto == b"HTTP/1.0" and isinstance(channel, RegistryChannel):
-                if channel.keep_alive_1_0:
-                    if self.responseHeaders.hasHeader(b"content-length"):
-                        self.responseHeaders.setRawHeaders(b"connection", [b"Keep-Alive"])
-                    else:
-                        channel.persistent = False
+            if isinstance(channel, RegistryChannel) and channel.keep_alive_1_0:
+                if self.responseHeaders.hasHeader(b"content-length"):
+                    self.responseHeaders.setRawHeaders(b"connection", [b"Keep-Alive"])
+                else:
+                    channel.persistent = False
         super().write(data)
 
 
@@ -65,6 +103,7 @@ class RegistryChannel(LimitedChannel):
     keep-alive`` connections (see ``RegistryRequest``), and enforces the listener's
     ``Limits``."""
 
+    site: Site  # set by Site.buildProtocol
     sniff_tls = True
     keep_alive_1_0 = False
     _host: Any = None
