@@ -197,7 +197,7 @@ class FakeInFlight:
 
     def fetches(self) -> list[FetchProgress]:
         readers = Counter(self.reads.values())
-        return [FetchProgress(d, f.received, f.size, readers[d]) for d, f in self.running.items()]
+        return [FetchProgress.of(f, readers[d]) for d, f in self.running.items()]
 
 
 class _FakeLease:

@@ -14,7 +14,8 @@ to hundreds of requests with the same header, so:
   reload is logged and the users loaded before stay.
 
 The user a request authenticated as is kept beside the request (``authenticated_user``),
-for the access log.
+for the access log. ``behind`` puts a resource's rendering behind the client
+authentication: ``/v2/`` and the status page share it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from weakref import WeakKeyDictionary
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.web import server
 from twisted.web.http import Request
+from twisted.web.server import NOT_DONE_YET
 
+from regmirror.api.responses import gone, render_error, render_failure
 from regmirror.domain.errors import Unauthorized
 from regmirror.logs import get_logger
 
@@ -264,3 +268,46 @@ def authenticated_as(request: Request, user: str) -> None:
 def authenticated_user(request: Request) -> str | None:
     """The user ``request`` authenticated as, or None."""
     return _users.get(request)
+
+
+Render = Callable[[server.Request], "bytes | int"]
+
+
+def behind(auth: ClientAuth | None, request: server.Request, render: Render) -> bytes | int:
+    """``render(request)`` if the client may go on (authenticated, or a read without
+    credentials where ``auth.anonymous: read`` allows it), else the ``401`` challenge.
+    ``NOT_DONE_YET`` while a bcrypt check runs; the answer is written when it is done."""
+    if auth is None:
+        return render(request)
+    user = auth.htpasswd.authenticate(request.getHeader(b"authorization"))
+    if isinstance(user, Deferred):
+        user.addCallback(_authenticated, auth, request, render)
+        user.addErrback(render_failure, request)
+        return NOT_DONE_YET
+    return _answer(auth, request, render, user)
+
+
+def _answer(
+    auth: ClientAuth, request: server.Request, render: Render, user: str | None
+) -> bytes | int:
+    if user is not None:
+        authenticated_as(request, user)
+        return render(request)
+    anonymous = (
+        auth.anonymous_read
+        and request.method in (b"GET", b"HEAD")
+        and not request.getHeader(b"authorization")
+    )
+    return render(request) if anonymous else render_error(request, auth.challenge())
+
+
+def _authenticated(
+    user: str | None, auth: ClientAuth, request: server.Request, render: Render
+) -> None:
+    if gone(request):
+        return
+    body = _answer(auth, request, render, user)
+    if body is not NOT_DONE_YET:
+        assert isinstance(body, bytes)
+        request.write(body)
+        request.finish()

@@ -50,6 +50,14 @@ class MirrorCollector(Collector):
             "manifest_fetches": ("regmirror_upstream_manifest_fetches", "Manifest GETs upstream"),
             "tag_checks": ("regmirror_tag_revalidations", "Tag revalidations (HEAD) upstream"),
             "stale": ("regmirror_stale_tags_served", "Tags served stale: upstream unavailable"),
+            "blob_bytes_served": (
+                "regmirror_blob_bytes_served",
+                "Body bytes of blob responses sent to clients, counted as each ends",
+            ),
+            "blob_bytes_fetched": (
+                "regmirror_upstream_blob_bytes",
+                "Body bytes of blobs received from upstream, counted as each fetch ends",
+            ),
         }
         families = {
             key: CounterMetricFamily(name, text, labels=["upstream"])

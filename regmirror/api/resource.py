@@ -17,18 +17,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror.api.access import Access, AccessRules
-from regmirror.api.auth import ClientAuth, authenticated_as
+from regmirror.api.auth import ClientAuth, behind
 from regmirror.api.responses import (
     API_VERSION,
     blob_headers,
     finish_json,
-    gone,
     json_body,
     manifest_body,
     render_error,
     render_failure,
 )
-from regmirror.api.router import READ_METHODS, Route, RouteKind, query_int, query_str, route
+from regmirror.api.router import Route, RouteKind, query_int, query_str, route
 from regmirror.api.senders import NO_LISTENER, Streaming, make_sender
 from regmirror.config import Limits
 from regmirror.domain.digest import Digest
@@ -77,40 +76,7 @@ class RegistryAPI(Resource):
         if len(request.uri) > self._max_url_length:
             error = Unsupported("the request URI is too long", status=414)
             return render_error(request, error)
-        if self._auth is not None:
-            user = self._auth.htpasswd.authenticate(request.getHeader(b"authorization"))
-            if isinstance(user, Deferred):
-                user.addCallback(self._authenticated, request)
-                user.addErrback(render_failure, request)
-                return NOT_DONE_YET
-            if user is None and not self._anonymous_allowed(request):
-                return render_error(request, self._auth.challenge())
-            if user is not None:
-                authenticated_as(request, user)
-        return self._dispatch(request)
-
-    def _anonymous_allowed(self, request: Request) -> bool:
-        assert self._auth is not None
-        return (
-            self._auth.anonymous_read
-            and request.method in READ_METHODS
-            and not request.getHeader(b"authorization")
-        )
-
-    def _authenticated(self, user: str | None, request: Request) -> None:
-        if gone(request):
-            return
-        if user is None and not self._anonymous_allowed(request):
-            assert self._auth is not None
-            body: bytes | int = render_error(request, self._auth.challenge())
-        else:
-            if user is not None:
-                authenticated_as(request, user)
-            body = self._dispatch(request)
-        if body is not NOT_DONE_YET:
-            assert isinstance(body, bytes)
-            request.write(body)
-            request.finish()
+        return behind(self._auth, request, self._dispatch)
 
     # -- routing ---------------------------------------------------------------------
 
@@ -197,7 +163,9 @@ class RegistryAPI(Resource):
         source = await cache.blob(name, digest)
         hit = isinstance(source, CommittedBlob) and not source.fetched
         request.setHeader(X_CACHE, HIT if hit else MISS)
-        make_sender(request, digest, source, self._streaming).start()
+        sender = make_sender(request, digest, source, self._streaming)
+        request.notifyFinish().addBoth(lambda _: cache.count_served(request.sentLength))
+        sender.start()
 
 
 class _NotFound(Resource):

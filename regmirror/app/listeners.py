@@ -25,6 +25,7 @@ from regmirror.api.auth import (
     check_password,
     parse_htpasswd,
 )
+from regmirror.api.status import OperatorPages
 from regmirror.config import Config, ConfigError
 from regmirror.http.site import RegistrySite, make_site
 from regmirror.http.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
@@ -81,8 +82,10 @@ def add_listener(
     cache: Cache | Mirrors,
     reactor: Any,
     tls: ServerTLS | None = None,
+    pages: OperatorPages | None = None,
 ) -> RegistrySite:
-    """Add the HTTP(S) listener, and what it needs, to ``top``."""
+    """Add the HTTP(S) listener, and what it needs, to ``top``; ``pages`` (the probes and
+    the status page) are mounted on it behind its client authentication."""
     auth = None
     reloaders: list[Callable[[], object]] = []
     if config.auth is not None:
@@ -110,6 +113,8 @@ def add_listener(
         limits=config.limits,
         reactor=reactor,
     )
+    if pages is not None:
+        pages.mount(site.resource, auth)
     if tls is None:
         strports.service(config.listen, site).setServiceParent(top)
     else:

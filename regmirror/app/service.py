@@ -10,11 +10,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
 from regmirror import logs
+from regmirror.api.health import Readiness
 from regmirror.api.metrics import metrics_resource
 from regmirror.api.prefetch_metrics import PrefetchCollector
+from regmirror.api.status import OperatorPages, Status
 from regmirror.app.admin import add_admin_listener
 from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
+from regmirror.domain.events import RecentErrors
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.purge import Purger
 from regmirror.expiry.reaper import Reaper
@@ -26,6 +29,7 @@ from regmirror.mirror.cache import Cache
 from regmirror.mirror.freshness import LocalTagFreshness
 from regmirror.mirror.manifests import ManifestLRU
 from regmirror.mirror.mirrors import Mirrors
+from regmirror.mirror.observe import Sampler
 from regmirror.mirror.prefetch import PrefetchService
 from regmirror.storage.store import Store
 from regmirror.upstream.client import Upstream
@@ -80,6 +84,7 @@ def build(
     lru = ManifestLRU(config.manifest_cache_size)
     freshness = LocalTagFreshness(reactor)
     trust_root = upstream_trust_root(config.upstream_ca)
+    errors = RecentErrors(reactor.seconds)  # for the status page
     caches = []
     for upstream_config in config.upstreams:
         upstream = Upstream(
@@ -94,6 +99,7 @@ def build(
             ),
             breaker_failures=config.breaker_failures,
             breaker_cooldown=config.breaker_cooldown,
+            errors=errors,
         )
         remote = RemoteRegistry(
             upstream,
@@ -115,6 +121,7 @@ def build(
                 fsync=config.fsync,
                 writer=threaded_writers(reactor),
                 tune_transport=read_more_at_once,
+                errors=errors,
             )
         )
     mirrors = Mirrors(caches, single=config.single_upstream)
@@ -129,7 +136,12 @@ def build(
     )
     top = service.MultiService()
     reaper.setServiceParent(top)
-    site = add_listener(top, config, mirrors, reactor, tls)
+    sampler = Sampler(reactor, mirrors)
+    sampler.setServiceParent(top)
+    readiness = Readiness(reactor, store, reaper)
+    status = Status(reactor, mirrors, reaper, sampler, errors, readiness)
+    pages = OperatorPages(status, readiness, mirrors, config.status_page)
+    site = add_listener(top, config, mirrors, reactor, tls, pages)
     purger = Purger(
         store,
         run_in_thread=run_in_thread,

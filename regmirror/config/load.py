@@ -132,6 +132,7 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         breaker_failures=values["regmirror.upstream_failures"],
         max_upstream_fetches=values["regmirror.max_upstream_fetches"],
         metrics_path=values["regmirror.metrics_path"],
+        status_page=values["regmirror.status_page"],
         breaker_cooldown=values["regmirror.upstream_cooldown"],
         reaper_interval=values["regmirror.reaper_interval"],
         max_size=values["regmirror.max_size"],

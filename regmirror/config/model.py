@@ -117,6 +117,7 @@ class Config:
     breaker_cooldown: float = 30.0
     max_upstream_fetches: int = 64
     metrics_path: str = "/metrics"
+    status_page: str = "auth"  # GET / and /status.json: auth | open | off
     reaper_interval: float = 60.0
     max_size: int = 0
     high_watermark: float = 0.95

@@ -104,6 +104,7 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.max_upstream_fetches": (count, 64),
     "regmirror.upstream_cooldown": (parse_duration, 30.0),
     "regmirror.metrics_path": (metrics_path, "/metrics"),
+    "regmirror.status_page": (choice("auth", "open", "off"), "auth"),
     "regmirror.reaper_interval": (parse_duration, 60.0),
     "regmirror.max_size": (parse_size, 0),
     "regmirror.high_watermark": (fraction, 0.95),

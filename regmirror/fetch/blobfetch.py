@@ -67,6 +67,8 @@ class BlobFetch:
     The network side calls ``write`` and ``finish``/``fail``; readers call
     ``readable`` to learn how far they may read, and ``follow`` it to be told
     (``Follower.fetch_data``, ``Follower.fetch_changed``) as that changes.
+    ``upstream``, ``repository`` and ``started`` (the clock's seconds) say where it
+    comes from and since when, for the status page.
     """
 
     def __init__(
@@ -78,10 +80,16 @@ class BlobFetch:
         fsync: bool = True,
         writer: WriterFactory = InlineWriter,
         on_done: Callable[[BlobFetch], None] | None = None,
+        upstream: str = "",
+        repository: str = "",
+        started: float = 0.0,
     ) -> None:
         self._store = store
         self.digest = digest
         self.size = size
+        self.upstream = upstream
+        self.repository = repository
+        self.started = started
         self._on_done = on_done
         temp = store.new_temp()
         self.path = temp.path

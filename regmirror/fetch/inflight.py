@@ -40,12 +40,28 @@ Release = Callable[[], None]
 @attrs.frozen
 class FetchProgress:
     """One fetch in flight, for a status page: bytes received of ``size`` (None when
-    the upstream did not say), and the clients reading it now."""
+    the upstream did not say), the clients reading it now, and where it comes from
+    since when (``BlobFetch.upstream``, ``.repository``, ``.started``)."""
 
     digest: Digest
     received: int
     size: int | None
     readers: int
+    upstream: str = ""
+    repository: str = ""
+    started: float = 0.0
+
+    @classmethod
+    def of(cls, fetch: BlobFetch, readers: int) -> FetchProgress:
+        return cls(
+            fetch.digest,
+            fetch.received,
+            fetch.size,
+            readers,
+            fetch.upstream,
+            fetch.repository,
+            fetch.started,
+        )
 
 
 @runtime_checkable
@@ -170,7 +186,7 @@ class LocalInFlight:
 
     def fetches(self) -> list[FetchProgress]:
         return [
-            FetchProgress(digest, fetch.received, fetch.size, self._readers.get(digest, 0))
+            FetchProgress.of(fetch, self._readers.get(digest, 0))
             for digest, fetch in self._fetches.items()
         ]
 

@@ -16,6 +16,7 @@ import attrs
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import Unavailable
+from regmirror.domain.events import RecentErrors
 from regmirror.domain.kinds import Kind
 from regmirror.expiry.usage import Usage
 from regmirror.fetch.blobfetch import BlobFetch, State
@@ -37,7 +38,10 @@ class _TooBig(Exception):
 
 
 class Blobs:
-    """The blobs of one upstream's repositories (the bytes are shared by all)."""
+    """The blobs of one upstream's repositories (the bytes are shared by all). A fetch
+    that ends without committing is recorded in ``errors``; ``stats`` counts, besides
+    requests, ``blob_bytes_fetched``: body bytes received from the upstream (a fetch's
+    when it ends, a pass-through's size when it starts)."""
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class Blobs:
         fsync: bool,
         writer: WriterFactory,
         tune_transport: TuneTransport,
+        errors: RecentErrors,
     ) -> None:
         self._clock = clock
         self._store = store
@@ -63,6 +68,7 @@ class Blobs:
         self._fsync = fsync
         self._writer = writer
         self._tune_transport = tune_transport
+        self._errors = errors
 
     async def blob(self, name: str, digest: Digest) -> BlobSource:
         """The blob from disk, or the fetch in flight that is downloading it (with a
@@ -129,6 +135,7 @@ class Blobs:
             digest=str(digest),
             size=got.size,
         )
+        self._stats["blob_bytes_fetched"] += got.size
         return PassThrough(got.response, digest, got.size)
 
     # -- the fetch lifecycle ---------------------------------------------------------
@@ -145,6 +152,9 @@ class Blobs:
             fsync=self._fsync,
             writer=self._writer,
             on_done=lambda f: self._done(f, repository, lease),
+            upstream=self._remote.name,
+            repository=repository,
+            started=self._clock.seconds(),
         )
         lease.started(fetch)
         self._stats["blob_fetches"] += 1
@@ -162,9 +172,18 @@ class Blobs:
     def _done(self, fetch: BlobFetch, repository: str, lease: FetchLease) -> None:
         lease.ended(fetch)
         self._usage.release(fetch.digest)
+        self._stats["blob_bytes_fetched"] += fetch.received
+        reason = failure_reason(fetch)
+        if reason is not None:
+            self._errors.record(
+                reason,
+                f"{repository}: {fetch.error}",
+                upstream=self._remote.name,
+                digest=str(fetch.digest),
+            )
         if fetch.state is State.COMMITTED:
             self._visibility.link(repository, fetch.digest, Kind.BLOB)
             self._usage.added(Kind.BLOB, fetch.digest, fetch.size or 0)
             log.info("blob {digest} cached", digest=str(fetch.digest))
-        elif failure_reason(fetch) == "disk":
+        elif reason == "disk":
             self._usage.evict()

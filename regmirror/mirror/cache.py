@@ -15,6 +15,7 @@ from collections import Counter
 from twisted.internet.threads import deferToThreadPool
 
 from regmirror.domain.digest import Digest
+from regmirror.domain.events import RecentErrors
 from regmirror.domain.kinds import Kind
 from regmirror.domain.media import Accept
 from regmirror.expiry.usage import NoUsage, Usage
@@ -35,7 +36,7 @@ from regmirror.upstream.remote import RemoteRegistry
 class Cache:
     """The pull-through cache of one upstream. ``tag_freshness`` is its freshness
     window; ``tune_transport`` is given each upstream blob body's transport
-    (``regmirror.fetch.body``)."""
+    (``regmirror.fetch.body``); ``errors`` records the blob fetches that failed."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class Cache:
         fsync: bool = True,
         writer: WriterFactory = InlineWriter,
         tune_transport: TuneTransport = leave_transport,
+        errors: RecentErrors | None = None,
     ) -> None:
         self._reactor = reactor
         self._store = store
@@ -83,6 +85,7 @@ class Cache:
             fsync=fsync,
             writer=writer,
             tune_transport=tune_transport,
+            errors=errors if errors is not None else RecentErrors(reactor.seconds),
         )
 
     # -- blobs -----------------------------------------------------------------------
@@ -94,6 +97,11 @@ class Cache:
 
     async def blob_size(self, name: str, digest: Digest) -> int:
         return await self._blobs.blob_size(name, digest)
+
+    def count_served(self, sent: int) -> None:
+        """A blob response ended, ``sent`` body bytes sent to its client (``stats``'
+        ``blob_bytes_served``, for the status page and the metrics)."""
+        self.stats["blob_bytes_served"] += sent
 
     def has_blob(self, digest: Digest) -> bool:
         """The blob is in the store (verified), whoever asked for it."""

@@ -119,6 +119,17 @@ class Store:
                 continue
             return TempFile(fd, path)
 
+    def probe_writable(self) -> str | None:
+        """Create and remove a file in ``_tmp`` (readiness): None if that worked, else
+        why not."""
+        try:
+            temp = self.new_temp()
+        except OSError as e:
+            return f"{self.tmp}: {e.strerror or e}"
+        os.close(temp.fd)
+        self.discard(temp.path)
+        return None
+
     def commit(self, temp: Path, digest: Digest) -> Path:
         """Make verified content visible under its digest (atomic rename)."""
         final = self.blob_path(digest)

@@ -25,9 +25,10 @@ from twisted.web.http_headers import Headers
 
 from regmirror.config import UpstreamConfig
 from regmirror.domain.errors import Unauthorized, Unavailable
+from regmirror.domain.events import RecentErrors
 from regmirror.logs import get_logger
 from regmirror.upstream.bodies import DRAIN_LIMIT, discard
-from regmirror.upstream.breaker import CircuitBreaker
+from regmirror.upstream.breaker import BreakerState, CircuitBreaker
 from regmirror.upstream.credentials import Credential, CredentialError, Credentials
 
 log = get_logger()
@@ -81,9 +82,11 @@ class Upstream:
         credentials: Credentials | None = None,
         breaker_failures: int = 5,
         breaker_cooldown: float = 30.0,
+        errors: RecentErrors | None = None,
     ) -> None:
         self._reactor = reactor
         self.config = config
+        self._errors = errors if errors is not None else RecentErrors(reactor.seconds)
         self._credentials = credentials
         self.name = config.name
         self._breaker = CircuitBreaker(
@@ -125,11 +128,15 @@ class Upstream:
         self._breaker.check()
         try:
             response = await self._request(method, path, repository, headers, unbuffered)
-        except Unavailable:
+        except Unavailable as e:
             self._breaker.failed()
+            self._errors.record("upstream", f"{method} {path}: {e.message}", upstream=self.name)
             raise
         if response.code >= 500:
             self._breaker.failed()
+            self._errors.record(
+                "upstream", f"{method} {path}: HTTP {response.code}", upstream=self.name
+            )
         else:
             self._breaker.succeeded()
         return response
@@ -137,6 +144,10 @@ class Upstream:
     @property
     def breaker_open(self) -> bool:
         return self._breaker.open
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        return self._breaker.state()
 
     async def _request(
         self,

@@ -38,6 +38,7 @@ from regmirror.domain.pagination import next_page_query
 from regmirror.logs import get_logger
 from regmirror.reactor import ReactorTime
 from regmirror.upstream.bodies import discard, read_limited
+from regmirror.upstream.breaker import BreakerState
 from regmirror.upstream.client import Upstream
 
 log = get_logger()
@@ -116,6 +117,11 @@ class RemoteRegistry:
     @property
     def breaker_open(self) -> bool:
         return self._upstream.breaker_open
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """The circuit breaker, and the upstream's last known reachability."""
+        return self._upstream.breaker_state
 
     def repository(self, name: str) -> str:
         """The name to use upstream (official Docker Hub images live in ``library/``)."""

@@ -39,6 +39,8 @@ _DEBIAN_PACKAGES = {
     "ctr": "containerd",
     "dockerd": "docker.io",
     "docker": "docker.io",
+    "promtool": "prometheus",
+    "systemd-analyze": "systemd",
 }
 
 _PR_SET_PDEATHSIG = 1

@@ -5,6 +5,7 @@ task.Clock."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from regmirror.api.metrics import MirrorCollector
 from regmirror.api.prefetch_metrics import PrefetchCollector
 from regmirror.config import PrefetchPolicy, Reserve, UpstreamConfig
 from regmirror.domain.digest import Digest
@@ -465,3 +467,15 @@ def test_metrics_count_each_policy_s_runs_and_fetches(env: Env) -> None:
     assert 'regmirror_prefetch_tags_changed_total{policy="p"} 1.0' in text
     assert 'regmirror_prefetch_paused{policy="p"} 0.0' in text
     assert 'regmirror_prefetch_failures_total{policy="p"} 0.0' in text
+
+
+def test_the_upstream_s_rate_limit_and_its_remaining_are_exported(env: Env) -> None:
+    env.image("team/app", "1.0", "a")
+    env.registry.tag_lists["team/app"] = ["1.0"]
+    env.registry.ratelimit = (80, 100)
+    env.start(policy())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MirrorCollector(env.mirrors, None, Counter()))
+    text = generate_latest(registry).decode()
+    assert 'regmirror_upstream_ratelimit_limit{upstream="up"} 100.0' in text
+    assert 'regmirror_upstream_ratelimit_remaining{upstream="up"} 79.0' in text  # one GET
