@@ -11,6 +11,7 @@ and the local implementations, match their Protocols).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,10 @@ class FakeRegistry(Resource):
         self.served_blobs: dict[str, bytes] = {}  # what to send instead of the real bytes
         # repository -> the only digests it may serve (blobs and manifests), if listed
         self.private: dict[str, set[str]] = {}
+        # (repository, subject digest) -> descriptors its referrers API lists; with
+        # ``referrers_api`` False the endpoint is a plain-text 404, as distribution 2.8's
+        self.referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.referrers_api = False
         # (remaining, limit): Docker Hub's ratelimit-* headers on every answer; as
         # there, each manifest GET (not a HEAD) takes one from remaining
         self.ratelimit: tuple[int, int] | None = None
@@ -110,13 +115,13 @@ class FakeRegistry(Resource):
             return self._blob(request, parts[-1])
         if len(parts) >= 5 and parts[-2] == "manifests":
             return self._manifest(request, "/".join(parts[2:-2]), parts[-1])
+        if len(parts) >= 5 and parts[-2] == "referrers":
+            return self._referrers(request, name, parts[-1])
         if path.endswith("/tags/list"):
             name = path[len("/v2/") : -len("/tags/list")]
             if name not in self.tag_lists:
                 request.setResponseCode(404)
                 return b'{"errors":[{"code":"NAME_UNKNOWN","message":"unknown"}]}'
-            import json
-
             return json.dumps({"name": name, "tags": self.tag_lists[name]}).encode()
         request.setResponseCode(404)
         return b""
@@ -147,6 +152,21 @@ class FakeRegistry(Resource):
         request.setHeader(b"docker-content-digest", digest_of(data).encode())
         request.setHeader(b"content-length", b"%d" % len(data))
         return b"" if request.method == b"HEAD" else data
+
+    def _referrers(self, request: Request, name: str, digest: str) -> bytes:
+        if not self.referrers_api:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"404 page not found\n"
+        listed = self.referrers.get((name, digest), [])
+        args: dict[bytes, list[bytes]] = request.args or {}
+        wanted = args.get(b"artifactType")
+        if wanted:
+            listed = [d for d in listed if d.get("artifactType") == wanted[0].decode()]
+            request.setHeader(b"oci-filters-applied", b"artifactType")
+        request.setHeader(b"content-type", b"application/vnd.oci.image.index.v1+json")
+        index = {"schemaVersion": 2, "manifests": listed}
+        return json.dumps(index).encode()
 
 
 class FakeInFlight:

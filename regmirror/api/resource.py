@@ -27,12 +27,12 @@ from regmirror.api.responses import (
     render_error,
     render_failure,
 )
-from regmirror.api.router import Route, RouteKind, query_int, query_str, route
+from regmirror.api.router import Route, RouteKind, query_int, query_media_types, query_str, route
 from regmirror.api.senders import NO_LISTENER, Streaming, make_sender
 from regmirror.config import Limits
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import RegistryError, Unsupported
-from regmirror.domain.media import Accept
+from regmirror.domain.media import OCI_INDEX, Accept
 from regmirror.mirror.cache import Cache
 from regmirror.mirror.mirrors import Mirrors
 from regmirror.mirror.sources import CommittedBlob
@@ -146,6 +146,14 @@ class RegistryAPI(Resource):
                 n, last = query_int(request, b"n"), query_str(request, b"last")
                 body, link = await cache.tags(r.name, n, last)
                 finish_json(request, body, link)
+            case RouteKind.REFERRERS:
+                assert isinstance(r.reference, Digest)
+                types = query_media_types(request, b"artifactType")
+                answer = await cache.referrers(r.name, r.reference, types)
+                if answer.filtered:
+                    request.setHeader(b"oci-filters-applied", b"artifactType")
+                request.write(json_body(request, answer.body, OCI_INDEX.encode()))
+                request.finish()
             case RouteKind.CATALOG:
                 n, last = query_int(request, b"n"), query_str(request, b"last")
                 body, link = await self._mirrors.catalog(n, last)

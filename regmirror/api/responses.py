@@ -29,9 +29,9 @@ def gone(request: Request) -> bool:
     return bool(request.finished) or request.channel is None
 
 
-def json_body(request: Request, body: bytes) -> bytes:
+def json_body(request: Request, body: bytes, content_type: bytes = b"application/json") -> bytes:
     """``body`` as the JSON answer (nothing for HEAD), its headers set."""
-    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-type", content_type)
     request.setHeader(b"content-length", b"%d" % len(body))
     return b"" if request.method == b"HEAD" else body
 

@@ -4,7 +4,7 @@
 endpoint, and the repository name and reference it names, checked against the spec's
 grammar. Anything else is a ``RegistryError``: an unknown endpoint, a push (the mirror
 is read-only), a bad name, tag or digest. Query parameters (``n``, ``last``, ``ns``) are
-read here too.
+read here too, and ``artifactType`` (referrers).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from regmirror.domain.names import parse_reference, validate_name
 
 READ_METHODS = (b"GET", b"HEAD")
 _ROUTE = re.compile(
-    r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/(?P<tags>list))\Z"
+    r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/(?P<tags>list)"
+    r"|referrers/(?P<subject>[^/]+))\Z"
 )
 _UPLOADS = re.compile(r".+/blobs/uploads(?:/.*)?\Z")
 
@@ -32,6 +33,7 @@ class RouteKind(StrEnum):
     MANIFEST = "manifest"  # /v2/NAME/manifests/REFERENCE
     BLOB = "blob"  # /v2/NAME/blobs/DIGEST
     TAGS = "tags"  # /v2/NAME/tags/list
+    REFERRERS = "referrers"  # /v2/NAME/referrers/DIGEST (OCI 1.1)
 
 
 @attrs.frozen
@@ -63,6 +65,9 @@ def route(method: bytes, path: bytes) -> Route:
     name = validate_name(match.group("name"))
     if match.group("tags"):
         return _read_only(method, Route(RouteKind.TAGS, name))
+    if match.group("subject") is not None:
+        _read_only(method, Route(RouteKind.REFERRERS, name))
+        return Route(RouteKind.REFERRERS, name, Digest.parse(match.group("subject")))
     kind = RouteKind.MANIFEST if match.group("kind") == "manifests" else RouteKind.BLOB
     if method not in READ_METHODS:
         _read_only(method, Route(kind, name))
@@ -91,6 +96,14 @@ def query_int(request: Request, key: bytes) -> int | None:
     if not text.isdigit() or len(text) > 9:
         raise PaginationInvalid("invalid number of results requested", {"n": text[:20]})
     return int(text)
+
+
+def query_media_types(request: Request, key: bytes) -> frozenset[str]:
+    """Every non-empty value of a media-type parameter (``artifactType``). A ``+``
+    left unencoded arrives as a space, which no media type has: it is put back."""
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = (v.decode("utf-8", "replace").strip() for v in args.get(key, []))
+    return frozenset(v.replace(" ", "+") for v in values if v)
 
 
 def query_str(request: Request, key: bytes) -> str | None:

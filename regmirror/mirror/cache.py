@@ -1,7 +1,8 @@
 """The mirror of one upstream: what the API asks it, answered by the rooms behind it.
 
 ``Cache`` is a façade over ``Blobs`` (``regmirror.mirror.blobs``), ``Manifests``
-(``.manifests``), ``Tags`` (``.tags``) and ``Visibility`` (``.visibility``) of one
+(``.manifests``), ``Tags`` (``.tags``), ``Referrers`` (``.referrers``) and
+``Visibility`` (``.visibility``) of one
 upstream (``RemoteRegistry``). What every upstream shares is handed in: the fetches in
 flight and their readers (``InFlight``), the manifests in memory (``ManifestLRU``),
 tag freshness (``TagFreshness``) and the expiry ledger (``Usage``). ``Mirrors``
@@ -25,6 +26,7 @@ from regmirror.fetch.writers import InlineWriter, WriterFactory
 from regmirror.mirror.blobs import Blobs
 from regmirror.mirror.freshness import LocalTagFreshness, TagFreshness
 from regmirror.mirror.manifests import Manifest, ManifestLRU, Manifests
+from regmirror.mirror.referrers import Referrers, ReferrersAnswer
 from regmirror.mirror.sources import BlobSource
 from regmirror.mirror.tags import Tags
 from regmirror.mirror.visibility import Visibility
@@ -74,6 +76,7 @@ class Cache:
             tag_freshness,
             self.stats,
         )
+        self._referrers = Referrers(reactor, store, upstream, freshness, tag_freshness, self.stats)
         self._blobs = Blobs(
             reactor,
             store,
@@ -135,6 +138,15 @@ class Cache:
         long ago it was checked (None: not cached)."""
         return self._tags.cached(self.upstream.repository(name), tag, accept)
 
+    # -- referrers -------------------------------------------------------------------
+
+    async def referrers(
+        self, name: str, subject: Digest, artifact_types: frozenset[str]
+    ) -> ReferrersAnswer:
+        """The OCI 1.1 referrers index of ``subject`` (``regmirror.mirror.referrers``)."""
+        repository = self.upstream.repository(name)
+        return await self._referrers.answer(repository, subject, artifact_types)
+
     # -- tags and catalog ------------------------------------------------------------
 
     async def tags(self, name: str, n: int | None, last: str | None) -> tuple[bytes, str | None]:
@@ -163,6 +175,7 @@ class Cache:
         if kind == Kind.MANIFEST:
             self._lru.forget(digest)
             self._tags.forget_digest(digest)
+            self._referrers.forget_subject(digest)
 
     def forget_tag(self, repository: str, tag: str) -> None:
         """A tag was purged (``repository`` as the store names it)."""

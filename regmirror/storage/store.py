@@ -8,6 +8,7 @@ Layout (DESIGN.md)::
     ROOT/repositories/UP/NAME/_layers/sha256/<hex>      a blob was fetched for it
     ROOT/repositories/UP/NAME/_tags/<tag>.json          media type -> digest
     ROOT/repositories/UP/NAME/_taglist.json             the last full tag list seen
+    ROOT/repositories/UP/NAME/_referrers/sha256/<hex>.json  referrers of a subject
     ROOT/_tmp/                              in-flight downloads (swept at start-up)
     ROOT/_state/reaper.sqlite3              the reaper's ledger
     ROOT/_state/admin.sock                  the running mirror's admin socket (the CLI's)
@@ -44,6 +45,7 @@ log = get_logger()
 
 _LINKS = {Kind.MANIFEST: "_manifests", Kind.BLOB: "_layers"}  # per-repository links
 _TAGS = "_tags"
+_REFERRERS = "_referrers"
 
 
 @attrs.frozen
@@ -214,6 +216,25 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_atomic(path, json.dumps(tags).encode())
 
+    def _referrers_path(self, upstream: str, name: str, subject: Digest) -> Path:
+        directory = self.repo_dir(upstream, name) / _REFERRERS / subject.algorithm
+        return directory / f"{subject.hex}.json"
+
+    def read_referrers(self, upstream: str, name: str, subject: Digest) -> bytes | None:
+        """The referrers last seen for ``subject`` in the repository, as written."""
+        try:
+            return self._referrers_path(upstream, name, subject).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_referrers(self, upstream: str, name: str, subject: Digest, data: bytes) -> None:
+        path = self._referrers_path(upstream, name, subject)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_atomic(path, data)
+
+    def delete_referrers(self, upstream: str, name: str, subject: Digest) -> None:
+        self.discard(self._referrers_path(upstream, name, subject))
+
     def catalog(self, upstream: str) -> list[str]:
         """Repositories with at least one cached manifest (a directory walk: call in a
         thread)."""
@@ -255,8 +276,9 @@ class Store:
         return found
 
     def remove(self, digests: Iterable[Digest]) -> int:
-        """Delete content, with the tags that resolve to it and the repository links to
-        it (a directory walk: call it in a thread). Returns the bytes freed."""
+        """Delete content, with the tags that resolve to it, the repository links to it
+        and the referrers recorded for it as a subject (a directory walk: call it in a
+        thread). Returns the bytes freed."""
         freed = 0
         gone = set(digests)
         for digest in gone:
@@ -288,6 +310,10 @@ class Store:
             elif os.path.basename(os.path.dirname(dirpath)) in link_dirs:
                 for name in filenames:
                     if Digest(base, name) in gone:
+                        self.discard(Path(dirpath, name))
+            elif os.path.basename(os.path.dirname(dirpath)) == _REFERRERS:
+                for name in filenames:
+                    if Digest(base, name.removesuffix(".json")) in gone:
                         self.discard(Path(dirpath, name))
 
     # -- helpers ---------------------------------------------------------------------

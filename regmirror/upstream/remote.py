@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import attrs
 from treq.response import _Response
@@ -32,18 +32,24 @@ from regmirror.domain.errors import (
     Unavailable,
 )
 from regmirror.domain.kinds import Kind
-from regmirror.domain.media import ALL_MANIFEST_TYPES, Accept, manifest_media_type
+from regmirror.domain.media import ALL_MANIFEST_TYPES, OCI_INDEX, Accept, manifest_media_type
 from regmirror.domain.names import normalize_docker_hub
 from regmirror.domain.pagination import next_page_query
+from regmirror.domain.referrers import Descriptor, fallback_tag, index_descriptors
 from regmirror.logs import get_logger
 from regmirror.reactor import ReactorTime
-from regmirror.upstream.bodies import discard, read_limited
+from regmirror.upstream.bodies import DRAIN_LIMIT, discard, read_limited
 from regmirror.upstream.breaker import BreakerState
 from regmirror.upstream.client import Upstream
 
 log = get_logger()
 
 MAX_TAG_PAGES = 100
+MAX_REFERRER_PAGES = 100
+# What a registry without the referrers API answers it with (distribution 2.8: a plain
+# text 404; others 400, 405 UNSUPPORTED or 501): then the fallback tag is asked.
+NO_REFERRERS_API = frozenset({400, 404, 405, 501})
+INDEX_ONLY = Accept(frozenset({OCI_INDEX}))
 
 What = Kind | Literal["repository"]
 
@@ -222,6 +228,60 @@ class RemoteRegistry:
             path = f"/v2/{repository}/tags/list?{urlencode(query)}"
         raise Unavailable("the upstream's tag list has too many pages", {"name": name})
 
+    # -- referrers -------------------------------------------------------------------
+
+    async def referrers(self, repository: str, subject: Digest) -> tuple[Descriptor, ...] | None:
+        """What the upstream's referrers API lists for ``subject`` (unfiltered, every
+        page followed), or None when it has no such API."""
+        base = f"/v2/{repository}/referrers/{subject}"
+        path = base
+        found: list[Descriptor] = []
+        for _ in range(MAX_REFERRER_PAGES):
+            response = await self._request("GET", path, repository, {"accept": OCI_INDEX})
+            if response.code in NO_REFERRERS_API and path == base:
+                await discard(response, DRAIN_LIMIT)  # small: keep the connection
+                return None
+            if response.code != 200:
+                await discard(response)
+                raise error_for(response, Kind.MANIFEST, self.name)
+            page = index_descriptors(await self._read(response))
+            if page is None:
+                raise Unavailable(
+                    "the upstream sent an invalid referrers index", {"digest": str(subject)}
+                )
+            found.extend(page)
+            query = _next_page(response.headers.getRawHeaders("link", [None])[0], base)
+            if query is None:
+                return tuple(found)
+            path = f"{base}?{query}"
+        raise Unavailable("the upstream's referrers list has too many pages")
+
+    async def referrers_tag(
+        self, repository: str, subject: Digest
+    ) -> tuple[Descriptor, ...] | None:
+        """The descriptors of the referrers tag schema's index (``sha256-<hex>``) for
+        ``subject``, or None when there is no such tag. Its digest is checked against
+        what the upstream claims."""
+        try:
+            got = await self.get_manifest(repository, fallback_tag(subject), INDEX_ONLY)
+        except ManifestUnknown:
+            return None
+        if got.digest and got.digest != str(Digest.of(got.data)):
+            raise Unavailable(
+                "the upstream sent a referrers index that does not match its digest",
+                {"tag": fallback_tag(subject)},
+            )
+        descriptors = index_descriptors(got.data) if got.media_type == OCI_INDEX else None
+        if descriptors is None:
+            log.warn(
+                "{repository}:{tag} is not an OCI image index ({media_type}): no referrers",
+                repository=repository,
+                tag=fallback_tag(subject),
+                media_type=got.media_type,
+            )
+            return ()
+        return descriptors
+
     # -- helpers ---------------------------------------------------------------------
 
     async def _request(
@@ -251,6 +311,18 @@ class RemoteRegistry:
 
     async def _read(self, response: _Response) -> bytes:
         return await read_limited(response, self.max_body, self._clock, self.read_timeout)
+
+
+def _next_page(link: str | None, path: str) -> str | None:
+    """The query of the next referrers page an upstream's ``Link`` names: only when it
+    points at the same referrers path (never another host or path); None when there is
+    no next page."""
+    if not link or "<" not in link or 'rel="next"' not in link:
+        return None
+    target = urlsplit(link.split("<", 1)[1].split(">", 1)[0])
+    if target.path not in ("", path) or not target.query:
+        return None
+    return target.query
 
 
 def _header(response: _Response, name: str) -> str:
