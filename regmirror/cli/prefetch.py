@@ -24,6 +24,7 @@ from regmirror.cli.http import MirrorClient, error_message
 from regmirror.cli.output import Exit, Failed
 from regmirror.cli.refs import ImageRef
 from regmirror.domain.media import INDEX_TYPES
+from regmirror.mirror.prefetch.matching import platform_matches
 
 ACCEPT = ", ".join(
     (
@@ -50,13 +51,11 @@ class Platform:
         return cls(*parts)
 
     def matches(self, platform: Any) -> bool:
-        if not isinstance(platform, dict):
-            return False
-        return (
-            platform.get("os") == self.os
-            and platform.get("architecture") == self.architecture
-            and (not self.variant or platform.get("variant", "") == self.variant)
-        )
+        """An index entry's ``platform`` is this one (without a variant: any variant)."""
+        return platform_matches(platform, [str(self)])
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
 @attrs.define

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import DigestInvalid
@@ -30,10 +31,15 @@ def manifest_references(data: bytes) -> tuple[Digest, ...]:
                 for i in items
                 if isinstance(i, dict) and isinstance(i.get("digest"), str)
             )
+    return tuple(dict.fromkeys(valid_digests(found)))
+
+
+def valid_digests(texts: Iterable[str]) -> list[Digest]:
+    """The digests of ``texts`` that parse, in order; the others are left out."""
     valid = []
-    for text in found:
+    for text in texts:
         try:
             valid.append(Digest.parse(text))
         except DigestInvalid:
             continue
-    return tuple(dict.fromkeys(valid))
+    return valid

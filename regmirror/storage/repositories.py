@@ -19,9 +19,8 @@ from pathlib import Path
 import attrs
 
 from regmirror.domain.digest import Digest
-from regmirror.domain.errors import DigestInvalid
 from regmirror.domain.kinds import Kind
-from regmirror.domain.references import manifest_references
+from regmirror.domain.references import manifest_references, valid_digests
 from regmirror.storage.store import _LINKS, _TAGS, Store
 
 _TAGLIST = "_taglist.json"
@@ -51,7 +50,7 @@ class Repository:
         """The digests it names itself: its tags' and its links."""
         found = set(self.manifests) | set(self.blobs)
         for variants in self.tags.values():
-            found.update(_digests(variants.values()))
+            found.update(valid_digests(variants.values()))
         return found
 
 
@@ -133,18 +132,8 @@ class Repositories:
     def _links(self, directory: Path) -> list[Digest]:
         found = []
         for algorithm in _subdirs(directory):
-            found.extend(_digests(f"{algorithm.name}:{p.name}" for p in _files(algorithm)))
+            found.extend(valid_digests(f"{algorithm.name}:{p.name}" for p in _files(algorithm)))
         return found
-
-
-def _digests(texts: Iterable[str]) -> list[Digest]:
-    out = []
-    for text in texts:
-        try:
-            out.append(Digest.parse(text))
-        except DigestInvalid:
-            continue
-    return out
 
 
 def _files(directory: Path) -> list[Path]:

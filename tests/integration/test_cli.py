@@ -4,6 +4,8 @@ and a real upstream registry (docker-registry), counted through a proxy."""
 from __future__ import annotations
 
 import hashlib
+import json
+import stat
 from pathlib import Path
 
 import yaml
@@ -211,6 +213,15 @@ def test_purge_of_a_tag_and_of_a_digest_while_the_mirror_runs(
     got = request(mirror.url, "GET", f"/v2/library/alpine/blobs/{blob.digest}")
     assert got.status == 200 and hashlib.sha256(got.body).hexdigest() == blob.hex
     assert upstream_proxy.count_requests("GET", f"/blobs/{blob.digest}") == before + 1
+
+    # The admin API is on a socket only root and the mirror's user may use, not on the
+    # listener the fleet reaches.
+    assert stat.S_IMODE((mirror.root / "_state" / "admin.sock").stat().st_mode) == 0o600
+    layer = image.manifest.layers[0]
+    public = request(
+        mirror.url, "POST", "/purge", body=json.dumps({"digest": layer.digest}).encode()
+    )
+    assert public.status == 404 and mirror.has_blob(layer.digest)
 
     nothing = regmirror("purge", "-c", config, "sha256:" + "0" * 64, "--json")
     assert nothing.code == 1 and "nothing in the cache matches" in nothing.json()["error"]
