@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|w)")
@@ -138,6 +139,30 @@ def credential_helper(value: object) -> tuple[str, float]:
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
     return string(value["command"]), parse_duration(value.get("lifetime", "5m"))
+
+
+def mapping_list(
+    value: object, keys: Mapping[str, Callable[[object], Any]], *, what: str, needs: str
+) -> tuple[dict[str, Any], ...]:
+    """A list of mappings (``regmirror.upstreams``, ``regmirror.prefetch``), each key
+    parsed by its parser in ``keys``; errors start with ``[i].key``."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of {what}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"[{i}]: expected a mapping with {needs}")
+        entry: dict[str, Any] = {}
+        for key, raw in item.items():
+            parser = keys.get(key)
+            if parser is None:
+                raise ValueError(f"[{i}].{key}: unknown key")
+            try:
+                entry[key] = parser(raw)
+            except ValueError as e:
+                raise ValueError(f"[{i}].{key}: {e}") from None
+        out.append(entry)
+    return tuple(out)
 
 
 def metrics_path(value: object) -> str:

@@ -8,7 +8,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from regmirror.config.model import PrefetchPolicy, Reserve, UpstreamConfig
-from regmirror.config.parsers import parse_duration, registry_name, string, strings
+from regmirror.config.parsers import (
+    mapping_list,
+    parse_duration,
+    registry_name,
+    string,
+    strings,
+)
 from regmirror.domain.errors import RegistryError
 from regmirror.domain.names import validate_name, validate_tag
 
@@ -96,27 +102,15 @@ POLICY_KEYS: dict[str, Callable[[object], Any]] = {
 
 def policy_list(value: object) -> tuple[dict[str, Any], ...]:
     """``regmirror.prefetch``: a list of mappings, checked key by key."""
-    if not isinstance(value, list):
-        raise ValueError("expected a list of prefetch policies")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
-            raise ValueError(f"[{i}]: expected a mapping with repositories and tags")
-        entry: dict[str, Any] = {}
-        for key, raw in item.items():
-            parser = POLICY_KEYS.get(key)
-            if parser is None:
-                raise ValueError(f"[{i}].{key}: unknown key")
-            try:
-                entry[key] = parser(raw)
-            except ValueError as e:
-                raise ValueError(f"[{i}].{key}: {e}") from None
+    entries = mapping_list(
+        value, POLICY_KEYS, what="prefetch policies", needs="repositories and tags"
+    )
+    for i, entry in enumerate(entries):
         if not entry.get("repositories"):
             raise ValueError(f"[{i}].repositories: a policy needs at least one repository")
         if "tags" in entry and not entry["tags"]:
             raise ValueError(f"[{i}].tags: a policy needs at least one tag pattern")
-        out.append(entry)
-    return tuple(out)
+    return entries
 
 
 def build_policies(

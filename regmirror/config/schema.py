@@ -3,7 +3,7 @@ those of the distribution registry's format that are accepted but not implemente
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from regmirror.config.model import Reserve
@@ -13,6 +13,7 @@ from regmirror.config.parsers import (
     count,
     credential_helper,
     fraction,
+    mapping_list,
     metrics_path,
     parse_duration,
     parse_size,
@@ -41,25 +42,11 @@ UPSTREAM_KEYS: dict[str, Callable[[object], Any]] = {
 
 def upstream_list(value: object) -> tuple[dict[str, Any], ...]:
     """``regmirror.upstreams``: a list of mappings, checked key by key."""
-    if not isinstance(value, list):
-        raise ValueError("expected a list of upstreams")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
-            raise ValueError(f"[{i}]: expected a mapping with name and url")
-        entry: dict[str, Any] = {}
-        for key, raw in item.items():
-            parser = UPSTREAM_KEYS.get(key)
-            if parser is None:
-                raise ValueError(f"[{i}].{key}: unknown key")
-            try:
-                entry[key] = parser(raw)
-            except ValueError as e:
-                raise ValueError(f"[{i}].{key}: {e}") from None
+    entries = mapping_list(value, UPSTREAM_KEYS, what="upstreams", needs="name and url")
+    for i, entry in enumerate(entries):
         if "name" not in entry:
             raise ValueError(f"[{i}]: an upstream needs a name")
-        out.append(entry)
-    return tuple(out)
+    return entries
 
 
 # The keys regmirror implements: dotted path -> (parser, default). These defaults are

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -45,6 +45,8 @@ from regmirror.mirror.prefetch.warm import Paused, Tally, Warmer
 from regmirror.reactor import ReactorTime
 
 log = get_logger()
+
+T = TypeVar("T")
 
 
 class PolicyRunner:
@@ -149,44 +151,35 @@ class PolicyRunner:
 
     async def _run(self, tally: Tally) -> None:
         for name in await self._repositories():
-            try:
-                tags = await self._tags(name)
-            except RegistryError as e:
-                tally.failures += 1
-                log.warn(
-                    "prefetch {policy}: the tags of {name}: {reason}",
-                    policy=self.policy.name,
-                    name=name,
-                    reason=e.message,
-                )
+            tags = await self._attempt(tally, name, self._tags(name))
+            if tags is None:
                 continue
             tally.tags_matched += len(tags)
             for tag in tags:
                 if self._exhausted():
                     raise Paused()
-                try:
-                    await self._warmer.tag(name, tag, tally)
-                except Paused:
-                    raise
-                except RegistryError as e:
-                    tally.failures += 1
-                    log.warn(
-                        "prefetch {policy}: {name}:{tag}: {reason}",
-                        policy=self.policy.name,
-                        name=name,
-                        tag=tag,
-                        reason=e.message,
-                    )
-                except Exception:
-                    tally.failures += 1
-                    log.failure(
-                        "prefetch {policy}: {name}:{tag} failed",
-                        policy=self.policy.name,
-                        name=name,
-                        tag=tag,
-                    )
-                else:
+                if await self._attempt(tally, f"{name}:{tag}", self._warmer.tag(name, tag, tally)):
                     self._probe = (name, tag)
+
+    async def _attempt(self, tally: Tally, what: str, work: Coroutine[Any, Any, T]) -> T | None:
+        """What ``work`` answers, or None when it failed (counted and logged: the run
+        goes on). ``Paused`` ends the run."""
+        try:
+            return await work
+        except Paused:
+            raise
+        except RegistryError as e:
+            tally.failures += 1
+            log.warn(
+                "prefetch {policy}: {what}: {reason}",
+                policy=self.policy.name,
+                what=what,
+                reason=e.message,
+            )
+        except Exception:
+            tally.failures += 1
+            log.failure("prefetch {policy}: {what} failed", policy=self.policy.name, what=what)
+        return None
 
     async def _repositories(self) -> list[str]:
         """The policy's repositories: named ones, and the cached repositories of this

@@ -89,9 +89,10 @@ class Warmer:
         self._platforms = tuple(platforms)
         self._exhausted = exhausted
 
-    async def tag(self, name: str, tag: str, tally: Tally) -> None:
-        """Keep ``name:tag`` warm; raises what stops it (``Paused``, registry errors).
-        Failed blobs are counted in ``tally`` and the others still fetched."""
+    async def tag(self, name: str, tag: str, tally: Tally) -> Manifest:
+        """Keep ``name:tag`` warm, and answer the manifest it resolves to; raises what
+        stops it (``Paused``, registry errors). Failed blobs are counted in ``tally``
+        and the others still fetched."""
         before = self._cache.cached_tag(name, tag, ANY)
         manifest = await self._cache.manifest(name, tag, ANY)
         tally.tags_checked += 1
@@ -106,6 +107,7 @@ class Warmer:
                 was="new" if before is None else f"was {before.digest}",
             )
         await self._walk(name, manifest, tally, 0)
+        return manifest
 
     async def _walk(self, name: str, manifest: Manifest, tally: Tally, depth: int) -> None:
         if manifest.media_type in INDEX_TYPES:
