@@ -18,19 +18,15 @@ or URL host; otherwise the default upstream; ``library/`` added for Docker Hub).
 from __future__ import annotations
 
 import re
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import attrs
 
 from regmirror.config import Config, UpstreamConfig
+from regmirror.config.model import routing_table
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import RegistryError
-from regmirror.domain.names import (
-    DOCKER_HUB_HOSTS,
-    normalize_docker_hub,
-    validate_name,
-    validate_tag,
-)
+from regmirror.domain.names import normalize_docker_hub, validate_name, validate_tag
 
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -109,16 +105,6 @@ def parse_image(text: str) -> ImageRef:
     return ImageRef(registry, name, tag, digest)
 
 
-def labels(upstream: UpstreamConfig) -> list[str]:
-    """What a request may call an upstream by: its name, its aliases, its URL's host
-    (Docker Hub's every host), as ``regmirror.mirror.mirrors.Mirrors`` routes."""
-    parts = urlsplit(upstream.url)
-    found = [upstream.name, *upstream.aliases, parts.netloc, parts.hostname or ""]
-    if upstream.docker_hub:
-        found.extend(sorted(DOCKER_HUB_HOSTS))
-    return [label for label in found if label]
-
-
 @attrs.frozen
 class Routed:
     """A repository of one upstream, as the store names it."""
@@ -132,11 +118,9 @@ def route(config: Config, name: str) -> Routed:
     there; ``ValueError`` for a name the spec does not allow."""
     first, sep, rest = name.partition("/")
     upstream = config.upstream
-    if sep:
-        for candidate in config.upstreams:
-            if first in labels(candidate):
-                upstream, name = candidate, rest
-                break
+    found = routing_table(config.upstreams).get(first) if sep else None
+    if found is not None:
+        upstream, name = config.upstreams[found], rest
     try:
         validate_name(name)
     except RegistryError:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import attrs
+
+from regmirror.domain.names import DOCKER_HUB_HOSTS
 
 
 @attrs.frozen
@@ -21,6 +25,25 @@ class UpstreamConfig:
     helper_command: str = ""
     helper_lifetime: float = 300.0
     docker_config: str = ""
+
+
+def routing_table(upstreams: Sequence[UpstreamConfig]) -> dict[str, int]:
+    """What a request may call each upstream by (its index in ``upstreams``): its name
+    and aliases, then, where no name took it, its URL's host (Docker Hub by every host
+    of it). ``regmirror.mirror.mirrors`` routes requests by it, the CLI repositories."""
+    table: dict[str, int] = {}
+    for i, upstream in enumerate(upstreams):
+        for label in (upstream.name, *upstream.aliases):
+            table[label] = i
+    for i, upstream in enumerate(upstreams):
+        parts = urlsplit(upstream.url)
+        hosts = [parts.netloc, parts.hostname or ""]
+        if upstream.docker_hub:
+            hosts.extend(sorted(DOCKER_HUB_HOSTS))
+        for host in hosts:
+            if host:
+                table.setdefault(host, i)
+    return table
 
 
 @attrs.frozen

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from urllib.parse import urlsplit
 
+from regmirror.config.model import routing_table
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import NameUnknown
 from regmirror.domain.kinds import Kind
-from regmirror.domain.names import DOCKER_HUB_HOSTS, is_well_known_registry
+from regmirror.domain.names import is_well_known_registry
 from regmirror.domain.pagination import catalog_page
 from regmirror.fetch.inflight import InFlight
 from regmirror.logs import get_logger
@@ -38,18 +39,8 @@ class Mirrors:
         self.default = caches[0]
         if any(cache.inflight is not self.default.inflight for cache in caches):
             raise ValueError("the caches of all upstreams share one InFlight")
-        self.by_name: dict[str, Cache] = {}
-        for cache in caches:
-            for label in (cache.upstream.name, *cache.upstream.config.aliases):
-                self.by_name[label] = cache
-        for cache in caches:  # an upstream is also called by its URL's host
-            parts = urlsplit(cache.upstream.config.url)
-            hosts = [parts.netloc, parts.hostname or ""]
-            if cache.upstream.config.docker_hub:
-                hosts.extend(DOCKER_HUB_HOSTS)
-            for host in hosts:
-                if host:
-                    self.by_name.setdefault(host, cache)
+        table = routing_table([cache.upstream.config for cache in caches])
+        self.by_name: dict[str, Cache] = {label: caches[i] for label, i in table.items()}
         default = self.default.upstream
         host = urlsplit(default.config.url).netloc
         self.any_ns = (

@@ -217,7 +217,8 @@ def test_purge_of_a_tag_and_of_a_digest_while_the_mirror_runs(
     # The admin API is on a socket only root and the mirror's user may use, not on the
     # listener the fleet reaches.
     assert stat.S_IMODE((mirror.root / "_state" / "admin.sock").stat().st_mode) == 0o600
-    layer = image.manifest.layers[0]
+    layer = image.manifest.config
+    assert layer is not None and layer.digest != blob.digest
     public = request(
         mirror.url, "POST", "/purge", body=json.dumps({"digest": layer.digest}).encode()
     )
