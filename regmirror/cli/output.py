@@ -39,7 +39,9 @@ def json_option(f: F) -> F:
 
 
 def stdout() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    """Tables for people; piped, wide enough that a row stays one line for grep."""
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=200)
 
 
 def stderr() -> Console:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shlex
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -304,3 +309,40 @@ def test_fsck_finds_a_corrupted_blob_and_repair_makes_the_mirror_refetch_it(
     assert upstream_proxy.count_requests("GET", f"/blobs/{blob.digest}") == before + 1
     poll_until(lambda: mirror.blob_sha256(blob.digest) == blob.digest, 10, what="refetched")
     assert ok(regmirror("fsck", "-c", config, "--json"))["damaged"] == []
+
+
+# -- what a person sees ---------------------------------------------------------------
+
+
+def test_on_a_terminal_prefetch_shows_a_progress_bar_and_a_summary(
+    mirror: Mirror, images: dict[str, Image]
+) -> None:
+    image = images["oci"]
+    ref = f"{image.name}:{image.tag}"
+    command = shlex.join(
+        [sys.executable, "-m", "regmirror.cli", "prefetch", "--mirror", mirror.url, ref]
+    )
+    # script(1) runs it on a pseudo-terminal (bsdutils, in every Debian), as a person would.
+    proc = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stdout)
+    total = sum(b.size for b in image.blobs()) / 1024 / 1024
+    assert re.search(rf"{re.escape(ref)} .*━+.* {total:.1f}/{total:.1f} MiB", screen), screen
+    assert "fetched from upstream, 0 B already cached" in screen
+    wait_cached(mirror, image)
+
+    for args in (["ls", "-c", str(mirror.config_path)], ["fsck", "-c", str(mirror.config_path)]):
+        text = regmirror(*args)
+        assert text.code == 0, text.stderr
+        assert image.name in text.stdout if args[0] == "ls" else "0 damaged" in text.stdout
+    said = regmirror("purge", "-c", str(mirror.config_path), image.name)
+    assert said.code == 0 and said.stdout.startswith(
+        f"purged {mirror.upstream_url[7:]}/{image.name}"
+    )
