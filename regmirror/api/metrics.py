@@ -68,6 +68,11 @@ class MirrorCollector(Collector):
             "The upstream's last ratelimit-remaining header (Docker Hub), when it sent one",
             labels=["upstream"],
         )
+        limit = GaugeMetricFamily(
+            "regmirror_upstream_ratelimit_limit",
+            "The upstream's last ratelimit-limit header (Docker Hub), when it sent one",
+            labels=["upstream"],
+        )
         breaker = GaugeMetricFamily(
             "regmirror_upstream_breaker_open",
             "1 while the upstream's circuit breaker is open",
@@ -83,9 +88,13 @@ class MirrorCollector(Collector):
                     ratelimit.add_metric([name], float(remaining.split(";")[0]))
                 except ValueError:
                     pass
+            limit_seen = cache.upstream.ratelimit_limit
+            if limit_seen is not None and limit_seen.split(";")[0].strip().isdigit():
+                limit.add_metric([name], float(limit_seen.split(";")[0]))
             breaker.add_metric([name], 1.0 if cache.upstream.breaker_open else 0.0)
         yield from families.values()
         yield ratelimit
+        yield limit
         yield breaker
 
         ns = CounterMetricFamily(
