@@ -10,6 +10,7 @@ are always open.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -50,7 +51,9 @@ PAGE_HEADERS = {
 
 
 class Status:
-    """What ``/status.json`` says, read at each request from what the mirror keeps."""
+    """What ``/status.json`` says, read at each request from what the mirror keeps.
+    ``sections`` add documents of other services under their names (``{"prefetch":
+    prefetch.status}``): each is called at every request and must return JSON-able data."""
 
     def __init__(
         self,
@@ -60,6 +63,7 @@ class Status:
         sampler: Sampler,
         errors: RecentErrors,
         readiness: Readiness,
+        sections: Mapping[str, Callable[[], object]] | None = None,
     ) -> None:
         self._clock = clock
         self._mirrors = mirrors
@@ -67,11 +71,12 @@ class Status:
         self._sampler = sampler
         self._errors = errors
         self._readiness = readiness
+        self._sections = dict(sections or {})
 
     def document(self) -> dict[str, Any]:
         checks = self._readiness.checks()
         sampler = self._sampler
-        return {
+        document = {
             "schema": SCHEMA,
             "now": self._clock.seconds(),
             "started": sampler.started,
@@ -88,6 +93,9 @@ class Status:
             "errors": [attrs.asdict(e) for e in self._errors.events()],
             "error_totals": dict(self._errors.totals),
         }
+        for name, read in self._sections.items():
+            document[name] = read()
+        return document
 
     def _store(self) -> dict[str, Any]:
         ledger = self._reaper.ledger

@@ -445,3 +445,17 @@ def test_metrics_count_the_blob_bytes_served_and_fetched(h: Harness) -> None:
     )
     assert float(samples['regmirror_blob_bytes_served_total{upstream="up"}']) == 2 * len(BLOB)
     assert float(samples['regmirror_upstream_blob_bytes_total{upstream="up"}']) == len(BLOB)
+
+
+def test_other_services_add_their_sections(h: Harness) -> None:
+    readiness = Readiness(h.clock, h.store, h.reaper)
+    status = Status(
+        h.clock,
+        h.mirrors,
+        h.reaper,
+        h.sampler,
+        h.errors,
+        readiness,
+        sections={"prefetch": lambda: {"policies": []}},
+    )
+    assert status.document()["prefetch"] == {"policies": []}
