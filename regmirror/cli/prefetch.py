@@ -14,6 +14,7 @@ not send it is counted as ``unknown``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -190,8 +191,9 @@ class Prefetch:
                 hasher.update(chunk)
                 size += len(chunk)
                 advance(len(chunk))
-        except OSError as e:
-            raise _ImageError(f"{ref}: blob {digest}: the transfer broke: {e}") from None
+        except (OSError, http.client.HTTPException) as e:
+            self._client.close()
+            raise _ImageError(f"{ref}: blob {digest}: the transfer broke: {e!r}") from None
         if hasher.hexdigest() != hex_:
             self._client.close()
             raise _ImageError(f"{ref}: blob {digest}: the bytes do not match the digest")

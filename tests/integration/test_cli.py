@@ -3,21 +3,26 @@ and a real upstream registry (docker-registry), counted through a proxy."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import shlex
+import ssl
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import bcrypt
 import yaml
 
 from tests.integration.conftest import MakeMirror
+from tests.support.certs import CA, tls_config
 from tests.support.cli import CliResult, regmirror
 from tests.support.images import Image, push_image
+from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
 from tests.support.proxy import CountingProxy
 from tests.support.rawhttp import request
@@ -309,6 +314,46 @@ def test_fsck_finds_a_corrupted_blob_and_repair_makes_the_mirror_refetch_it(
     assert upstream_proxy.count_requests("GET", f"/blobs/{blob.digest}") == before + 1
     poll_until(lambda: mirror.blob_sha256(blob.digest) == blob.digest, 10, what="refetched")
     assert ok(regmirror("fsck", "-c", config, "--json"))["damaged"] == []
+
+
+def test_prefetch_through_a_mirror_with_tls_and_client_auth(
+    make_mirror: MakeMirror, upstream: UpstreamRegistry, images: dict[str, Image], tmp_path: Path
+) -> None:
+    ca = CA("prefetch CA")
+    ca_path = ca.write(tmp_path / "ca.crt")
+    server = ca.issue("mirror").write(tmp_path, "server")
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"ci:{bcrypt.hashpw(b'ci-password', bcrypt.gensalt(5)).decode()}\n")
+    extra = deep_merge(
+        tls_config(server), {"auth": {"htpasswd": {"path": str(htpasswd), "realm": "m"}}}
+    )
+    mirror = make_mirror(upstream.url, extra=extra, start=False)
+    mirror.ssl_context = ssl.create_default_context(cafile=str(ca_path))
+    token = base64.b64encode(b"ci:ci-password").decode()
+    mirror.ready_headers = {"Authorization": f"Basic {token}"}
+    mirror.start()
+    ref = f"{images['oci'].name}:{images['oci'].tag}"
+
+    def prefetch(*args: str) -> CliResult:
+        return regmirror("prefetch", "--mirror", mirror.url, *args, ref, "--json")
+
+    assert prefetch("--user", "ci:ci-password").code == 3  # the CA is not trusted
+    refused = prefetch("--ca", str(ca_path))
+    assert refused.code == 1 and "401" in refused.json()["images"][0]["error"]
+    data = ok(prefetch("--ca", str(ca_path), "--user", "ci:ci-password"))
+    assert data["images"][0]["blobs"] == len(images["oci"].blobs())
+    insecure = regmirror(
+        "prefetch",
+        "--mirror",
+        mirror.url,
+        "--insecure",
+        "--user",
+        "ci",
+        ref,
+        "--json",
+        env={"REGMIRROR_PASSWORD": "ci-password"},
+    )
+    assert ok(insecure)["images"][0]["error"] == ""
 
 
 # -- what a person sees ---------------------------------------------------------------

@@ -4,8 +4,10 @@ test's Python (``python -m regmirror.cli``), from the repository root."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ class CliResult:
             ) from None
 
 
-def regmirror(*args: str, timeout: float = 120.0) -> CliResult:
+def regmirror(
+    *args: str, timeout: float = 120.0, env: Mapping[str, str] | None = None
+) -> CliResult:
+    """Run ``regmirror ARGS`` (``env`` added to the test's environment)."""
     proc = subprocess.run(
         [sys.executable, "-m", "regmirror.cli", *args],
         capture_output=True,
@@ -36,5 +41,6 @@ def regmirror(*args: str, timeout: float = 120.0) -> CliResult:
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         cwd=REPO_ROOT,
+        env={**os.environ, **env} if env else None,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
