@@ -60,9 +60,7 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
-def build(
-    config: Config, reactor: Any, tls: ServerTLS | None = None
-) -> service.MultiService:
+def build(config: Config, reactor: Any, tls: ServerTLS | None = None) -> service.MultiService:
     """The service tree for a configuration (the reactor injected)."""
     logs.set_level(config.log_level)
     store = Store(config.root)
@@ -139,7 +137,18 @@ def build(
     sampler = Sampler(reactor, mirrors)
     sampler.setServiceParent(top)
     readiness = Readiness(reactor, store, reaper)
-    status = Status(reactor, mirrors, reaper, sampler, errors, readiness)
+    prefetch = PrefetchService(
+        reactor,
+        mirrors,
+        config.prefetch,
+        reserve=config.prefetch_reserve,
+        concurrency=config.prefetch_concurrency,
+    )
+    prefetch.setName("prefetch")  # top.getServiceNamed("prefetch").status()
+    prefetch.setServiceParent(top)
+    status = Status(
+        reactor, mirrors, reaper, sampler, errors, readiness, sections={"prefetch": prefetch.status}
+    )
     pages = OperatorPages(status, readiness, mirrors, config.status_page)
     site = add_listener(top, config, mirrors, reactor, tls, pages)
     purger = Purger(
@@ -151,19 +160,8 @@ def build(
         on_tag_removed=mirrors.forget_tag,
     )
     add_admin_listener(top, store, purger, reactor)
-    prefetch = PrefetchService(
-        reactor,
-        mirrors,
-        config.prefetch,
-        reserve=config.prefetch_reserve,
-        concurrency=config.prefetch_concurrency,
-    )
-    prefetch.setName("prefetch")  # top.getServiceNamed("prefetch").status()
-    prefetch.setServiceParent(top)
     if config.metrics_path:
-        resource = metrics_resource(
-            mirrors, reaper, site.responses, [PrefetchCollector(prefetch)]
-        )
+        resource = metrics_resource(mirrors, reaper, site.responses, [PrefetchCollector(prefetch)])
         site.resource.putChild(config.metrics_path[1:].encode(), resource)
     return top
 

@@ -124,6 +124,11 @@ def test_a_policy_keeps_matching_tags_warm_and_fetches_only_what_changed(
             assert proxy.count_requests(None, f"/manifests/{ref}") == 0, ref
         for digest in (b.digest for b in wanted):
             assert mirror.blob_sha256(digest) == digest
+        # The status page's document reports the policy and its runs.
+        status = request(mirror.url, "GET", "/status.json").json()
+        [policy] = status["prefetch"]["policies"]
+        assert policy["name"] == "apps" and policy["last_run"]["outcome"] == "ok", policy
+        assert policy["totals"]["blobs_fetched"] == len({b.digest for b in wanted}), policy
         # A tag is revalidated with a HEAD, not fetched again.
         assert proxy.count_requests("GET", "/v2/pf/app/manifests/1.1") == 1
         assert proxy.count_requests("HEAD", "/v2/pf/app/manifests/1.1") >= 1
