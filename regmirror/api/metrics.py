@@ -50,6 +50,18 @@ class MirrorCollector(Collector):
             "manifest_fetches": ("regmirror_upstream_manifest_fetches", "Manifest GETs upstream"),
             "tag_checks": ("regmirror_tag_revalidations", "Tag revalidations (HEAD) upstream"),
             "stale": ("regmirror_stale_tags_served", "Tags served stale: upstream unavailable"),
+            "referrers_hits": (
+                "regmirror_referrers_hits",
+                "Referrers lists answered from the cache within their freshness window",
+            ),
+            "referrers_checks": (
+                "regmirror_upstream_referrers_checks",
+                "Referrers lists asked of the upstream (its API, else the fallback tag)",
+            ),
+            "referrers_stale": (
+                "regmirror_referrers_stale_served",
+                "Referrers lists served stale: upstream unavailable",
+            ),
             "blob_bytes_served": (
                 "regmirror_blob_bytes_served",
                 "Body bytes of blob responses sent to clients, counted as each ends",

@@ -173,6 +173,15 @@ def test_one_upstream_request_per_freshness_window(h: Harness, subject: str) -> 
     h.clock.advance(2)
     assert listed(h.request("GET", f"/v2/app/referrers/{subject}")[1]) == [sig, sbom]
     assert referrers_requests(h) == 2
+    # Counted in /metrics: 5 answers from the cache, 2 lists asked of the upstream.
+    from regmirror.api.metrics import metrics_resource
+    from regmirror.mirror.mirrors import Mirrors
+
+    h.root.putChild(b"metrics", metrics_resource(Mirrors([h.cache]), h.reaper, Counter()))
+    text = h.request("GET", "/metrics")[1].decode()
+    assert 'regmirror_referrers_hits_total{upstream="up"} 5.0' in text, text
+    assert 'regmirror_upstream_referrers_checks_total{upstream="up"} 2.0' in text
+    assert 'regmirror_referrers_stale_served_total{upstream="up"} 0.0' in text
 
 
 class HeldRemote:
