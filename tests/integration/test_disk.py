@@ -57,9 +57,14 @@ def test_quota_keeps_the_store_under_the_low_watermark_and_the_newest_image(
             what="the store under its high watermark",
             describe=lambda: f"{store_bytes(mirror)} bytes",
         )
-        # The image just pulled is the one still cached, complete.
+        # The image just pulled is the one still cached, complete. (A client may have its
+        # last byte, verified, a moment before the fsync and rename are done: poll.)
         for blob in image.blobs():
-            assert mirror.has_blob(blob.digest), f"newest image lost {blob.digest}"
+            poll_until(
+                lambda b=blob: mirror.has_blob(b.digest),
+                10,
+                what=f"the newest image's blob {blob.digest} in the store",
+            )
     evictions = re.findall(r"quota: evicted \d+ entries; (\d+) bytes in use", mirror.log_text())
     assert evictions, "5 images of 2 MB in a 5 MB quota must evict"
     assert all(int(usage) <= low for usage in evictions), evictions
