@@ -62,6 +62,28 @@ class Limits:
 
 
 @attrs.frozen
+class RedisAddress:
+    """Where the cluster's Redis is (``regmirror.cluster.redis``, parsed)."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    tls: bool = False
+
+
+@attrs.frozen
+class ClusterConfig:
+    """``regmirror.cluster``: replicas over one shared store, coordinated by Redis."""
+
+    redis: RedisAddress
+    name: str = "regmirror"  # the prefix of every key and channel
+    replica: str = ""  # this replica's name (empty: host name and port)
+    lease: float = 15.0  # a fetch's lease in Redis, renewed while it runs
+
+
+@attrs.frozen
 class Config:
     source: str
     listen: str
@@ -92,6 +114,7 @@ class Config:
     max_size: int = 0
     high_watermark: float = 0.95
     low_watermark: float = 0.85
+    cluster: ClusterConfig | None = None  # regmirror.cluster.redis set
     ignored: tuple[str, ...] = ()
 
     @property

@@ -12,9 +12,11 @@ from regmirror.config.parsers import (
     count,
     credential_helper,
     fraction,
+    key_prefix,
     metrics_path,
     parse_duration,
     parse_size,
+    redis_url,
     registry_name,
     string,
     strings,
@@ -106,6 +108,10 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.max_size": (parse_size, 0),
     "regmirror.high_watermark": (fraction, 0.95),
     "regmirror.low_watermark": (fraction, 0.85),
+    "regmirror.cluster.redis": (redis_url, ""),
+    "regmirror.cluster.name": (key_prefix, "regmirror"),
+    "regmirror.cluster.replica": (string, ""),
+    "regmirror.cluster.lease": (parse_duration, 15.0),
 }
 
 # Sections and keys of the distribution registry's format that regmirror accepts but
