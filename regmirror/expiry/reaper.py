@@ -82,6 +82,10 @@ class Reaper(Service):
         return self.ledger.entries
 
     @property
+    def entry_count(self) -> int:
+        return len(self.ledger.entries)
+
+    @property
     def usage(self) -> int:
         return self.ledger.usage
 
