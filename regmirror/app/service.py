@@ -11,16 +11,19 @@ from twisted.python import usage
 
 from regmirror import logs
 from regmirror.api.metrics import metrics_resource
+from regmirror.app.cluster import add_cluster, cluster_parts, replica_name
 from regmirror.app.listeners import add_listener, check_files
 from regmirror.config import Config, ConfigError, load_config
+from regmirror.expiry.clusterreaper import ClusterReaper
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.reaper import Reaper
-from regmirror.fetch.inflight import LocalInFlight
+from regmirror.expiry.usage import Usage
+from regmirror.fetch.inflight import InFlight, LocalInFlight
 from regmirror.fetch.writers import threaded_writers
 from regmirror.http.internals import read_more_at_once
 from regmirror.http.tls import ServerTLS, upstream_trust_root
 from regmirror.mirror.cache import Cache
-from regmirror.mirror.freshness import LocalTagFreshness
+from regmirror.mirror.freshness import LocalTagFreshness, TagFreshness
 from regmirror.mirror.manifests import ManifestLRU
 from regmirror.mirror.mirrors import Mirrors
 from regmirror.storage.store import Store
@@ -57,7 +60,9 @@ def build(
 ) -> service.MultiService:
     """The service tree for a configuration (the reactor injected)."""
     logs.set_level(config.log_level)
-    store = Store(config.root)
+    cluster = config.cluster
+    replica = replica_name(config) if cluster is not None else ""
+    store = Store(config.root, replica)
     swept = store.prepare()
     if swept:
         log.info("swept {count} temporary files left by a previous run", count=swept)
@@ -72,9 +77,14 @@ def build(
         low=config.low_watermark,
     )
     # What every upstream's cache shares: blobs and manifests are content-addressed.
-    inflight = LocalInFlight(config.max_upstream_fetches)
+    inflight: InFlight = LocalInFlight(config.max_upstream_fetches)
     lru = ManifestLRU(config.manifest_cache_size)
-    freshness = LocalTagFreshness(reactor)
+    freshness: TagFreshness = LocalTagFreshness(reactor)
+    usage: Usage = ledger
+    parts = None
+    if cluster is not None:  # the same seams, on Redis (regmirror.app.cluster)
+        parts = cluster_parts(config, cluster, reactor, store, replica)
+        inflight, freshness, usage = parts.inflight, parts.freshness, parts.usage
     trust_root = upstream_trust_root(config.upstream_ca)
     caches = []
     for upstream_config in config.upstreams:
@@ -105,7 +115,7 @@ def build(
                 remote,
                 inflight=inflight,
                 lru=lru,
-                usage=ledger,
+                usage=usage,
                 freshness=freshness,
                 tag_freshness=config.tag_freshness if window is None else window,
                 fsync=config.fsync,
@@ -114,20 +124,33 @@ def build(
             )
         )
     mirrors = Mirrors(caches, single=config.single_upstream)
-    reaper = Reaper(
-        reactor,
-        store,
-        ledger,
-        interval=config.reaper_interval,
-        run_in_thread=run_in_thread,
-        in_use=inflight.in_use,
-        on_removed=mirrors.forget,
-    )
     top = service.MultiService()
-    reaper.setServiceParent(top)
+    reaper: Reaper | ClusterReaper
+    if parts is None:
+        reaper = Reaper(
+            reactor,
+            store,
+            ledger,
+            interval=config.reaper_interval,
+            run_in_thread=run_in_thread,
+            in_use=inflight.in_use,
+            on_removed=mirrors.forget,
+        )
+        reaper.setServiceParent(top)
+    else:
+        reaper = add_cluster(
+            top,
+            parts,
+            config,
+            reactor,
+            store,
+            run_in_thread=run_in_thread,
+            on_removed=mirrors.forget,
+        )
     site = add_listener(top, config, mirrors, reactor, tls)
     if config.metrics_path:
-        resource = metrics_resource(mirrors, reaper, site.responses)
+        coordinator = parts.coordinator if parts is not None else None
+        resource = metrics_resource(mirrors, reaper, site.responses, coordinator)
         site.resource.putChild(config.metrics_path[1:].encode(), resource)
     return top
 
