@@ -8,6 +8,7 @@ and exit status 2, like any other configuration error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from regmirror.api.auth import (
     check_password,
     parse_htpasswd,
 )
+from regmirror.app.sockets import FAMILIES, Inherited
 from regmirror.config import Config, ConfigError
 from regmirror.http.site import RegistrySite, make_site
 from regmirror.http.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
@@ -75,14 +77,45 @@ class _PoolService(service.Service):
         return super().stopService()
 
 
+class AdoptedPort(service.Service):
+    """Serves ``factory`` on a listening socket this process inherited (a worker's).
+
+    Stopping stops accepting; a unix socket is not closed, since closing the port would
+    remove its file, which the other workers still listen on."""
+
+    def __init__(self, reactor: Any, inherited: Inherited, factory: Any) -> None:
+        self._reactor = reactor
+        self._inherited = inherited
+        self._factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        family = FAMILIES[self._inherited.family]
+        os.set_blocking(self._inherited.fd, False)  # as it was bound: a blocking socket
+        self.port = self._reactor.adoptStreamPort(self._inherited.fd, family, self._factory)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        if self._inherited.family == "unix":
+            port.stopReading()
+            return None
+        return port.stopListening()
+
+
 def add_listener(
     top: service.MultiService,
     config: Config,
     cache: Cache | Mirrors,
     reactor: Any,
     tls: ServerTLS | None = None,
+    inherited: Inherited | None = None,
 ) -> RegistrySite:
-    """Add the HTTP(S) listener, and what it needs, to ``top``."""
+    """Add the HTTP(S) listener, and what it needs, to ``top``: on ``config.listen``,
+    or on the socket a worker ``inherited`` from its parent."""
     auth = None
     reloaders: list[Callable[[], object]] = []
     if config.auth is not None:
@@ -109,13 +142,18 @@ def add_listener(
         access=AccessRules(config.access.allow, config.access.deny),
         limits=config.limits,
         reactor=reactor,
+        worker=inherited.worker if inherited is not None else None,
     )
-    if tls is None:
+    factory: Any = site if tls is None else TLSFactory(tls, site, reactor)
+    if tls is not None:
+        reloaders.insert(0, tls.reload)
+    if inherited is not None:
+        AdoptedPort(reactor, inherited, factory).setServiceParent(top)
+    elif tls is None:
         strports.service(config.listen, site).setServiceParent(top)
     else:
         endpoint = serverFromString(reactor, config.listen)
-        StreamServerEndpointService(endpoint, TLSFactory(tls, site, reactor)).setServiceParent(top)
-        reloaders.insert(0, tls.reload)
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     if reloaders:
         ReloadOnHangup(reactor, reloaders).setServiceParent(top)
     return site

@@ -13,6 +13,8 @@ from regmirror import logs
 from regmirror.api.metrics import metrics_resource
 from regmirror.app.cluster import add_cluster, cluster_parts, replica_name
 from regmirror.app.listeners import add_listener, check_files
+from regmirror.app.processes import check_workers, workers_service
+from regmirror.app.sockets import Inherited
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.expiry.clusterreaper import ClusterReaper
 from regmirror.expiry.ledger import Ledger
@@ -50,18 +52,26 @@ class Options(usage.Options):
         try:
             self.loaded = load_config(self["config"])
             self.tls = check_files(self.loaded[0])
+            check_workers(self.loaded[0])
         except ConfigError as e:
             sys.stderr.write(f"regmirror: {e}\n")
             raise SystemExit(2) from None
 
 
 def build(
-    config: Config, reactor: Any, tls: ServerTLS | None = None
+    config: Config,
+    reactor: Any,
+    tls: ServerTLS | None = None,
+    *,
+    inherited: Inherited | None = None,
+    worker: int | None = None,
 ) -> service.MultiService:
-    """The service tree for a configuration (the reactor injected)."""
+    """The service tree of a mirror for a configuration (the reactor injected); a
+    worker of ``regmirror.workers`` says which one it is and serves on the socket it
+    ``inherited``."""
     logs.set_level(config.log_level)
     cluster = config.cluster
-    replica = replica_name(config) if cluster is not None else ""
+    replica = replica_name(config, worker) if cluster is not None else ""
     store = Store(config.root, replica)
     swept = store.prepare()
     if swept:
@@ -147,7 +157,7 @@ def build(
             run_in_thread=run_in_thread,
             on_removed=mirrors.forget,
         )
-    site = add_listener(top, config, mirrors, reactor, tls)
+    site = add_listener(top, config, mirrors, reactor, tls, inherited)
     if config.metrics_path:
         coordinator = parts.coordinator if parts is not None else None
         resource = metrics_resource(mirrors, reaper, site.responses, coordinator)
@@ -161,6 +171,8 @@ def makeService(options: Options) -> service.MultiService:
     config, warnings = options.loaded
     for warning in warnings:
         log.warn("{warning}", warning=warning)
+    if config.workers > 1:
+        return workers_service(config, reactor, options["config"])
     top = build(config, reactor, options.tls)
     log.info(
         "regmirror mirroring {upstreams} into {root}, listening on {listen}",

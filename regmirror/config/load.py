@@ -134,6 +134,7 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         high_watermark=values["regmirror.high_watermark"],
         low_watermark=values["regmirror.low_watermark"],
         cluster=_cluster(values, source),
+        workers=values["regmirror.workers"],
         ignored=tuple(sorted(ignored)),
     )
     return config, warnings

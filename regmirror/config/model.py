@@ -115,6 +115,7 @@ class Config:
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     cluster: ClusterConfig | None = None  # regmirror.cluster.redis set
+    workers: int = 1  # processes sharing the listener (regmirror.app.workers)
     ignored: tuple[str, ...] = ()
 
     @property

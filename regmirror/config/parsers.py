@@ -85,6 +85,12 @@ def count(value: object) -> int:
     raise ValueError(f"expected a non-negative integer, got {value!r}")
 
 
+def positive(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"expected a positive integer, got {value!r}")
+
+
 def choice(*choices: str) -> Callable[[object], str]:
     def check(value: object) -> str:
         text = string(value).lower()

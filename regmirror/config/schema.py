@@ -16,6 +16,7 @@ from regmirror.config.parsers import (
     metrics_path,
     parse_duration,
     parse_size,
+    positive,
     redis_url,
     registry_name,
     string,
@@ -112,6 +113,7 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.cluster.name": (key_prefix, "regmirror"),
     "regmirror.cluster.replica": (string, ""),
     "regmirror.cluster.lease": (parse_duration, 15.0),
+    "regmirror.workers": (positive, 1),
 }
 
 # Sections and keys of the distribution registry's format that regmirror accepts but

@@ -46,7 +46,8 @@ class RegistryRequest(Request):
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            self.setHeader(b"server", SERVER)
+            site = getattr(self, "site", None)
+            self.setHeader(b"server", getattr(site, "server", SERVER))
             channel = self.channel
             if self.clientproto == b"HTTP/1.0" and isinstance(channel, RegistryChannel):
                 if channel.keep_alive_1_0:
@@ -108,6 +109,7 @@ class RegistrySite(Site):
         access_log: bool = True,
         tls: bool = False,
         limits: Limits | None = None,
+        server: bytes = SERVER,
         **kwargs: Any,
     ) -> None:
         limits = limits or Limits()
@@ -115,6 +117,7 @@ class RegistrySite(Site):
         super().__init__(resource, requestFactory=RegistryRequest, **kwargs)
         self.tls = tls
         self.limits = limits
+        self.server = server  # the Server header (a worker adds its number)
         self._access_log = access_log
         self.responses: Counter[int] = Counter()  # status -> count, for metrics
         self.noisy = False
@@ -151,11 +154,16 @@ def make_site(
     auth: ClientAuth | None = None,
     access: AccessRules | None = None,
     limits: Limits | None = None,
+    worker: int | None = None,
 ) -> RegistrySite:
     """The site of a listener: the API behind ``auth`` and ``access``, within
     ``limits``; blobs go out with sendfile where the connection allows it, and a client
-    that stops reading one is cut after the idle timeout."""
+    that stops reading one is cut after the idle timeout. A worker of
+    ``regmirror.workers`` says which one it is in the ``Server`` header."""
     limits = limits or Limits()
     streaming = Streaming(reactor, limits.idle_timeout, zero_copy_socket)
     root = make_root(cache, auth=auth, access=access, limits=limits, streaming=streaming)
-    return RegistrySite(root, access_log=access_log, tls=tls, limits=limits, reactor=reactor)
+    server = SERVER if worker is None else SERVER + b" worker/%d" % worker
+    return RegistrySite(
+        root, access_log=access_log, tls=tls, limits=limits, server=server, reactor=reactor
+    )
