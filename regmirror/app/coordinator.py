@@ -11,7 +11,9 @@ configured they use that one; otherwise the parent starts this private ``redis-s
 - nothing persisted (``save ""``, ``appendonly no``): what it holds (leases, tag
   check times, last use) is rebuilt by the workers, and is worthless once they stop;
 - started again when it dies (the workers fall back to local behaviour meanwhile and
-  rejoin when it answers again); stopped after the workers when twistd stops.
+  rejoin when it answers again); stopped after the workers when twistd stops, and by
+  the kernel if twistd is killed (on Linux it is started through ``python -m
+  regmirror.app.coordinator``, which asks for ``PR_SET_PDEATHSIG`` and then execs it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +96,10 @@ class _RedisProcess(ProcessProtocol):
 class PrivateRedis(service.Service):
     """A ``redis-server`` only this mirror's workers use; see the module docstring."""
 
-    def __init__(self, reactor: Any, executable: str) -> None:
+    def __init__(self, reactor: Any, executable: str, env: Mapping[str, str]) -> None:
         self._reactor = reactor
         self._executable = executable
+        self._env = dict(env)
         self.password = secrets.token_urlsafe(24)
         self.port = 0
         self._dir: Path | None = None
@@ -130,7 +135,9 @@ class PrivateRedis(service.Service):
             )
         self._process = _RedisProcess(self)
         argv = [self._executable, str(conf)]
-        self._reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ))
+        if sys.platform == "linux":
+            argv = [sys.executable, "-m", "regmirror.app.coordinator", *argv]
+        self._reactor.spawnProcess(self._process, argv[0], argv, env=self._env)
         log.info(
             "coordinator: private redis-server on 127.0.0.1:{port} (pid {pid})",
             port=self.port,
@@ -191,3 +198,19 @@ class PrivateRedis(service.Service):
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         return result
+
+
+def exec_dying_with_parent(argv: list[str]) -> None:  # pragma: no cover - replaces itself
+    """Exec ``argv`` so that the kernel sends it SIGTERM when this process's parent dies
+    (Linux's ``PR_SET_PDEATHSIG`` survives exec)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the request
+        raise SystemExit(1)
+    os.execv(argv[0], argv)
+
+
+if __name__ == "__main__":
+    exec_dying_with_parent(sys.argv[1:])

@@ -70,7 +70,7 @@ def workers_service(config: Config, reactor: Any, config_path: str | None) -> se
         executable = find_redis_server()
         if executable is None:  # check_workers said so at start-up already
             raise ConfigError("regmirror.workers: redis-server not found")
-        coordinator = PrivateRedis(reactor, executable)
+        coordinator = PrivateRedis(reactor, executable, worker_env())
     top = service.MultiService()
     Workers(
         reactor,
