@@ -26,9 +26,9 @@ from regmirror.expiry.clusterreaper import ClusterReaper, Fenced
 from regmirror.expiry.clusterusage import ClusterUsage
 from regmirror.fetch.blobfetch import BlobFetch, State
 from regmirror.fetch.inflight import FetchLease, LocalInFlight
-from regmirror.fetch.writers import InlineWriter
 from regmirror.fetch.redisinflight import RedisInFlight
 from regmirror.fetch.remote import RemoteFetch
+from regmirror.fetch.writers import InlineWriter
 from regmirror.mirror.freshness import Seen, TagRef, Turn
 from regmirror.mirror.redisfreshness import RedisTagFreshness
 from regmirror.storage.store import Store
