@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import attrs
+import yaml
 from twisted.application import service
 
 import regmirror
@@ -21,25 +21,34 @@ from regmirror import logs
 from regmirror.app.coordinator import PrivateRedis, find_redis_server
 from regmirror.app.sockets import ListenAddress
 from regmirror.app.workers import Workers, worker_command
-from regmirror.config import Config, ConfigError
-from regmirror.config.model import ClusterConfig
-from regmirror.config.parsers import redis_address
+from regmirror.config import Config, ConfigError, load_config, parse_config
 
 log = logs.get_logger()
 
 _PACKAGE_DIR = str(Path(regmirror.__file__).resolve().parents[1])
 
 
-def worker_config(config: Config, index: int, coordinator: str | None) -> Config:
-    """Worker ``index``'s configuration: the cluster's, else the parent's private
-    coordinator (its URL) as the cluster. Its replica name is the cluster's with
-    ``-wINDEX`` (``regmirror.app.cluster.replica_name``): stable across restarts, so a
-    worker started again sweeps its predecessor's temporary files, nobody else's."""
+def worker_config(path: str | None, index: int, coordinator: str | None) -> Config:
+    """Worker ``index``'s configuration, read from ``path``: the cluster's, else with the
+    parent's private coordinator (its URL) as ``regmirror.cluster.redis``, so that the
+    other ``regmirror.cluster`` keys (name, replica, lease) apply too. Its replica name
+    is the cluster's with ``-wINDEX`` (``regmirror.app.cluster.replica_name``): stable
+    across restarts, so a worker started again sweeps its predecessor's temporary
+    files, nobody else's."""
+    config, _warnings = load_config(path)  # the parent logged the warnings
     if config.cluster is not None:
         return config
     if not coordinator:
         raise ConfigError(f"{config.source}: worker {index}: no coordinator to use")
-    return attrs.evolve(config, cluster=ClusterConfig(redis=redis_address(coordinator)))
+    data: Any = yaml.safe_load(Path(path).read_text()) if path is not None else None
+    data = dict(data) if isinstance(data, dict) else {}
+    node = data
+    for key in ("regmirror", "cluster"):
+        child = node.get(key)
+        node[key] = dict(child) if isinstance(child, dict) else {}
+        node = node[key]
+    node["redis"] = coordinator
+    return parse_config(data, config.source)[0]
 
 
 def check_workers(config: Config) -> None:

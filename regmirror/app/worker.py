@@ -24,7 +24,7 @@ from twisted.logger import globalLogBeginner, jsonFileLogObserver
 from regmirror import logs
 from regmirror.app.sockets import Inherited
 from regmirror.app.workers import COORDINATOR_ENV
-from regmirror.config import ConfigError, load_config
+from regmirror.config import ConfigError
 
 log = logs.get_logger()
 
@@ -69,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from regmirror.app.processes import worker_config
         from regmirror.app.service import build
 
-        config, _warnings = load_config(args.config)  # the parent logged the warnings
-        config = worker_config(config, args.index, os.environ.get(COORDINATOR_ENV))
+        config = worker_config(args.config, args.index, os.environ.get(COORDINATOR_ENV))
         tls = check_files(config)
     except ConfigError as e:
         sys.stderr.write(f"regmirror worker {args.index}: {e}\n")

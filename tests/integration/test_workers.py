@@ -22,6 +22,7 @@ from tests.support.mirror import Mirror
 from tests.support.process import alive, cmdline, descendants, require_tool
 from tests.support.proxy import CountingProxy
 from tests.support.rawhttp import connect
+from tests.support.redis import RedisServer
 from tests.support.wait import poll_until
 
 MiB = 1024 * 1024
@@ -74,9 +75,36 @@ def worker_pids(mirror: Mirror) -> dict[int, int]:
 @pytest.fixture
 def workers(upstream_proxy: CountingProxy, make_mirror: Callable[..., Mirror]) -> Mirror:
     require_tool("redis-server")
-    mirror = make_mirror(upstream_proxy.url, extra=WORKERS)
+    # A short lease: a fetch whose worker died is taken over within 3 s.
+    extra = {"regmirror": {"workers": 2, "cluster": {"lease": "3s"}}}
+    mirror = make_mirror(upstream_proxy.url, extra=extra)
     poll_until(lambda: len(worker_pids(mirror)) == 2, 20, what="two workers")
     return mirror
+
+
+def get_blob(conn: http.client.HTTPConnection, target: str) -> tuple[int, int, str, int]:
+    """GET on ``conn``: (status, worker, sha256 of the body, bytes); raises if cut."""
+    try:
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        digest, size = hashlib.sha256(), 0
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        if resp.length:  # http.client: bytes announced but never received
+            raise http.client.IncompleteRead(b"", resp.length)
+        return resp.status, worker_of(resp), "sha256:" + digest.hexdigest(), size
+    finally:
+        conn.close()
+
+
+def fetching_workers(mirror: Mirror) -> list[int]:
+    """The workers whose temporary directory holds a file (a fetch in flight)."""
+    found = []
+    for directory in mirror.tmp_dir.glob("*-w*"):
+        if directory.is_dir() and any(p.is_file() for p in directory.iterdir()):
+            found.append(int(directory.name.rpartition("-w")[2]))
+    return found
 
 
 def test_two_workers_serve_one_listener_and_fetch_a_cold_blob_upstream_once(
@@ -91,20 +119,11 @@ def test_two_workers_serve_one_listener_and_fetch_a_cold_blob_upstream_once(
     results: list[tuple[int, int, str, int] | BaseException | None] = [None] * len(conns)
 
     def client(i: int) -> None:
-        conn = conns[i]
         try:
             barrier.wait(30)
-            conn.request("GET", f"/v2/{name}/blobs/{blob.digest}")
-            resp = conn.getresponse()
-            digest, size = hashlib.sha256(), 0
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-            results[i] = (resp.status, worker_of(resp), "sha256:" + digest.hexdigest(), size)
+            results[i] = get_blob(conns[i], f"/v2/{name}/blobs/{blob.digest}")
         except BaseException as e:
             results[i] = e
-        finally:
-            conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(conns))]
     for t in threads:
@@ -125,6 +144,70 @@ def test_two_workers_serve_one_listener_and_fetch_a_cold_blob_upstream_once(
     assert upstream_proxy.bytes_down < 2 * blob.size
     poll_until(lambda: workers.has_blob(blob.digest), 30, what="the blob in the store")
     assert workers.blob_sha256(blob.digest) == blob.digest
+
+
+def test_a_worker_killed_mid_fetch_is_replaced_and_no_client_gets_a_wrong_body(
+    workers: Mirror, upstream_proxy: CountingProxy, fresh_blob: FreshBlob
+) -> None:
+    name, blob = fresh_blob(12 * MiB)
+    target = f"/v2/{name}/blobs/{blob.digest}"
+    upstream_proxy.set_rate_limit(2 * MiB)  # ~6 s: time to kill the fetching worker
+    conns = [c for cs in connections_per_worker(workers, each=2).values() for c in cs]
+    results: list[tuple[int, int, str, int] | BaseException | None] = [None] * len(conns)
+
+    def client(i: int) -> None:
+        try:
+            results[i] = get_blob(conns[i], target)
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(conns))]
+    for t in threads:
+        t.start()
+    [holder] = poll_until(lambda: fetching_workers(workers), 20, what="a worker fetching")
+    poll_until(lambda: upstream_proxy.bytes_down > blob.size // 4, 30, what="a quarter fetched")
+    pids = worker_pids(workers)
+    os.kill(pids[holder], signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    upstream_proxy.set_rate_limit(None)
+    assert not any(t.is_alive() for t in threads)
+    for result in results:  # cut, or complete and right: never complete and wrong
+        if isinstance(result, tuple) and result[3] == blob.size:
+            assert result[2] == blob.digest
+    # The worker is started again (under the same replica name) and both serve it.
+    poll_until(
+        lambda: worker_pids(workers).get(holder) not in (None, pids[holder]),
+        30,
+        what=f"worker {holder} started again",
+    )
+    again = [c for cs in connections_per_worker(workers, each=2).values() for c in cs]
+    for conn in again:
+        status, _worker, digest, size = get_blob(conn, target)
+        assert (status, digest, size) == (200, blob.digest, blob.size)
+    assert upstream_proxy.count_requests("GET", f"/blobs/{blob.digest}") <= 2
+    poll_until(lambda: workers.has_blob(blob.digest), 20, what="the blob in the store")
+
+
+def test_workers_join_a_configured_cluster_and_start_no_redis_of_their_own(
+    upstream_proxy: CountingProxy,
+    make_mirror: Callable[..., Mirror],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    try:
+        extra = {"regmirror": {"workers": 2, "cluster": {"redis": redis.url, "name": "edge"}}}
+        mirror = make_mirror(upstream_proxy.url, extra=extra)
+        poll_until(lambda: len(worker_pids(mirror)) == 2, 20, what="two workers")
+        assert mirror.pid is not None
+        names = [" ".join(cmdline(pid)) for pid in descendants(mirror.pid)]
+        assert not any("redis-server" in n for n in names), names
+        connections_per_worker(mirror, each=1)  # both serve, joined to that Redis
+        assert "coordinated by regmirror.cluster.redis" in mirror.log_text()
+        mirror.stop()
+    finally:
+        redis.stop()
 
 
 def test_a_worker_that_dies_is_started_again(workers: Mirror) -> None:

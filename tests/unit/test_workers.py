@@ -303,14 +303,18 @@ def test_workers_without_redis_server_or_a_cluster_is_one_line_at_start_up(
     processes.check_workers(parse_config({})[0])
 
 
-def test_a_worker_uses_the_cluster_or_else_the_private_coordinator() -> None:
-    plain = parse_config({"regmirror": {"workers": 2}})[0]
-    config = processes.worker_config(plain, 1, "redis://:pw@127.0.0.1:4242/0")
+def test_a_worker_uses_the_cluster_or_else_the_private_coordinator(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.yml"
+    plain.write_text("regmirror:\n  workers: 2\n  cluster:\n    name: edge\n    lease: 5s\n")
+    config = processes.worker_config(str(plain), 1, "redis://:pw@127.0.0.1:4242/0")
     assert config.cluster is not None
     assert (config.cluster.redis.port, config.cluster.redis.password) == (4242, "pw")
-    clustered = parse_config(
-        {"regmirror": {"workers": 2, "cluster": {"redis": "redis://127.0.0.1:6380/0"}}}
-    )[0]
-    assert processes.worker_config(clustered, 1, None) is clustered
+    assert (config.cluster.name, config.cluster.lease) == ("edge", 5.0)  # still apply
+    clustered = tmp_path / "clustered.yml"
+    clustered.write_text(
+        "regmirror:\n  workers: 2\n  cluster:\n    redis: redis://127.0.0.1:6380/0\n"
+    )
+    config = processes.worker_config(str(clustered), 1, "redis://:pw@127.0.0.1:4242/0")
+    assert config.cluster is not None and config.cluster.redis.port == 6380
     with pytest.raises(ConfigError):
-        processes.worker_config(plain, 1, None)
+        processes.worker_config(str(plain), 1, None)
