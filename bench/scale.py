@@ -267,19 +267,23 @@ def _cluster_rows(
             digits=0,
             show_ratio=False,
         ),
-        Row(
-            s_fan,
-            "bodies with the right sha256",
-            fan("dist", good),
-            fan("rm", good),
-            digits=0,
-            show_ratio=False,
-            target=Target(f"{n}/{n}", rm_between(n, n)),
-        ),
+        _bodies_row(s_fan, n, fan("dist", good), fan("rm", good)),
     ]
     for row in rows:
         row.columns = CLUSTER
     ctx.rows.extend(rows)
+
+
+def _bodies_row(scenario: str, n: int, left: float | None, right: float | None) -> Row:
+    return Row(
+        scenario,
+        "bodies with the right sha256",
+        left,
+        right,
+        digits=0,
+        show_ratio=False,
+        target=Target(f"{n}/{n}", rm_between(n, n)),
+    )
 
 
 # --- 8: workers ------------------------------------------------------------------------
@@ -396,15 +400,7 @@ def _workers_rows(
             show_ratio=False,
             target=Target("exactly 1", rm_between(0.99, 1.01)),
         ),
-        Row(
-            s_fan,
-            "bodies with the right sha256",
-            get(1, good),
-            get(2, good),
-            digits=0,
-            show_ratio=False,
-            target=Target(f"{n}/{n}", rm_between(n, n)),
-        ),
+        _bodies_row(s_fan, n, get(1, good), get(2, good)),
     ]
     for row in rows:
         row.columns = WORKERS

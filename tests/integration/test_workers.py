@@ -98,6 +98,34 @@ def get_blob(conn: http.client.HTTPConnection, target: str) -> tuple[int, int, s
         conn.close()
 
 
+Result = tuple[int, int, str, int] | BaseException | None
+
+
+def get_on_each(
+    conns: list[http.client.HTTPConnection], target: str, *, together: bool
+) -> list[Result]:
+    """``get_blob`` on each connection in a thread of its own (``together``: released
+    at once); what each got, or what it raised."""
+    barrier = threading.Barrier(len(conns))
+    results: list[Result] = [None] * len(conns)
+
+    def client(i: int) -> None:
+        try:
+            if together:
+                barrier.wait(30)
+            results[i] = get_blob(conns[i], target)
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(conns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "clients still reading after 120 s"
+    return results
+
+
 def fetching_workers(mirror: Mirror) -> list[int]:
     """The workers whose temporary directory holds a file (a fetch in flight)."""
     found = []
@@ -115,22 +143,7 @@ def test_two_workers_serve_one_listener_and_fetch_a_cold_blob_upstream_once(
     upstream_proxy.set_rate_limit(8 * MiB)
     kept = connections_per_worker(workers, each=4)
     conns = [c for worker in (1, 2) for c in kept[worker]]
-    barrier = threading.Barrier(len(conns))
-    results: list[tuple[int, int, str, int] | BaseException | None] = [None] * len(conns)
-
-    def client(i: int) -> None:
-        try:
-            barrier.wait(30)
-            results[i] = get_blob(conns[i], f"/v2/{name}/blobs/{blob.digest}")
-        except BaseException as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(conns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "clients still reading after 120 s"
+    results = get_on_each(conns, f"/v2/{name}/blobs/{blob.digest}", together=True)
 
     served_by = []
     for i, result in enumerate(results):
@@ -153,25 +166,18 @@ def test_a_worker_killed_mid_fetch_is_replaced_and_no_client_gets_a_wrong_body(
     target = f"/v2/{name}/blobs/{blob.digest}"
     upstream_proxy.set_rate_limit(2 * MiB)  # ~6 s: time to kill the fetching worker
     conns = [c for cs in connections_per_worker(workers, each=2).values() for c in cs]
-    results: list[tuple[int, int, str, int] | BaseException | None] = [None] * len(conns)
-
-    def client(i: int) -> None:
-        try:
-            results[i] = get_blob(conns[i], target)
-        except BaseException as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(conns))]
-    for t in threads:
-        t.start()
+    outcome: list[list[Result]] = []
+    clients = threading.Thread(
+        target=lambda: outcome.append(get_on_each(conns, target, together=False))
+    )
+    clients.start()
     [holder] = poll_until(lambda: fetching_workers(workers), 20, what="a worker fetching")
     poll_until(lambda: upstream_proxy.bytes_down > blob.size // 4, 30, what="a quarter fetched")
     pids = worker_pids(workers)
     os.kill(pids[holder], signal.SIGKILL)
-    for t in threads:
-        t.join(120)
+    clients.join(150)
     upstream_proxy.set_rate_limit(None)
-    assert not any(t.is_alive() for t in threads)
+    [results] = outcome
     for result in results:  # cut, or complete and right: never complete and wrong
         if isinstance(result, tuple) and result[3] == blob.size:
             assert result[2] == blob.digest
