@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -78,19 +79,34 @@ class _PoolService(service.Service):
 
 
 class AdoptedPort(service.Service):
-    """Serves ``factory`` on a listening socket this process inherited (a worker's).
+    """Serves ``factory`` on a listening socket this process inherited (a worker's),
+    once ``ready()`` fired (a worker joined its coordinator, or gave up waiting):
+    meanwhile connections wait in the socket's queue.
 
     Stopping stops accepting; a unix socket is not closed, since closing the port would
     remove its file, which the other workers still listen on."""
 
-    def __init__(self, reactor: Any, inherited: Inherited, factory: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        inherited: Inherited,
+        factory: Any,
+        ready: Callable[[], Deferred[Any]] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._inherited = inherited
         self._factory = factory
+        self._ready = ready
         self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
+        if self._ready is None:
+            self._adopt()
+        else:
+            self._ready().addBoth(lambda _: self._adopt() if self.running else None)
+
+    def _adopt(self) -> None:
         family = FAMILIES[self._inherited.family]
         os.set_blocking(self._inherited.fd, False)  # as it was bound: a blocking socket
         self.port = self._reactor.adoptStreamPort(self._inherited.fd, family, self._factory)
@@ -113,9 +129,11 @@ def add_listener(
     reactor: Any,
     tls: ServerTLS | None = None,
     inherited: Inherited | None = None,
+    ready: Callable[[], Deferred[Any]] | None = None,
 ) -> RegistrySite:
     """Add the HTTP(S) listener, and what it needs, to ``top``: on ``config.listen``,
-    or on the socket a worker ``inherited`` from its parent."""
+    or on the socket a worker ``inherited`` from its parent (accepting once ``ready()``
+    fired)."""
     auth = None
     reloaders: list[Callable[[], object]] = []
     if config.auth is not None:
@@ -148,7 +166,7 @@ def add_listener(
     if tls is not None:
         reloaders.insert(0, tls.reload)
     if inherited is not None:
-        AdoptedPort(reactor, inherited, factory).setServiceParent(top)
+        AdoptedPort(reactor, inherited, factory, ready).setServiceParent(top)
     elif tls is None:
         strports.service(config.listen, site).setServiceParent(top)
     else:

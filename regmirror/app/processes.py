@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from twisted.application import service
+from twisted.internet.defer import Deferred
 
 import regmirror
 from regmirror import logs
@@ -22,6 +23,7 @@ from regmirror.app.coordinator import PrivateRedis, find_redis_server
 from regmirror.app.sockets import ListenAddress
 from regmirror.app.workers import Workers, worker_command
 from regmirror.config import Config, ConfigError, load_config, parse_config
+from regmirror.coord.redis import Coordinator
 
 log = logs.get_logger()
 
@@ -49,6 +51,36 @@ def worker_config(path: str | None, index: int, coordinator: str | None) -> Conf
         node = node[key]
     node["redis"] = coordinator
     return parse_config(data, config.source)[0]
+
+
+JOIN_TIMEOUT = 5.0
+
+
+def joined(coordinator: Coordinator, reactor: Any, timeout: float = JOIN_TIMEOUT) -> Deferred[bool]:
+    """Fires with True once ``coordinator`` reached Redis, or with False after
+    ``timeout`` seconds without it: a worker starts accepting then (a worker that
+    accepted before it joined would fetch alone what another may be fetching)."""
+    done: Deferred[bool] = Deferred()
+    if coordinator.connected:
+        done.callback(True)
+        return done
+
+    def fire(connected: bool) -> None:
+        if connected and not done.called:
+            call.cancel()
+            done.callback(True)
+
+    def give_up() -> None:
+        if not done.called:
+            log.warn(
+                "worker: Redis not reached in {timeout:g} s: serving alone until it is",
+                timeout=timeout,
+            )
+            done.callback(False)
+
+    call = reactor.callLater(timeout, give_up)
+    coordinator.on_change(fire)
+    return done
 
 
 def check_workers(config: Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -13,7 +14,7 @@ from regmirror import logs
 from regmirror.api.metrics import metrics_resource
 from regmirror.app.cluster import add_cluster, cluster_parts, replica_name
 from regmirror.app.listeners import add_listener, check_files
-from regmirror.app.processes import check_workers, workers_service
+from regmirror.app.processes import check_workers, joined, workers_service
 from regmirror.app.sockets import Inherited
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.expiry.clusterreaper import ClusterReaper
@@ -157,7 +158,10 @@ def build(
             run_in_thread=run_in_thread,
             on_removed=mirrors.forget,
         )
-    site = add_listener(top, config, mirrors, reactor, tls, inherited)
+    ready = None
+    if inherited is not None and parts is not None:  # a worker: accept once joined
+        ready = functools.partial(joined, parts.coordinator, reactor)
+    site = add_listener(top, config, mirrors, reactor, tls, inherited, ready)
     if config.metrics_path:
         coordinator = parts.coordinator if parts is not None else None
         resource = metrics_resource(mirrors, reaper, site.responses, coordinator)

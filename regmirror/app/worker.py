@@ -4,10 +4,11 @@ Started by the parent (``regmirror.app.workers``), never by hand: it reads the s
 configuration file, serves on the listening socket it inherited as descriptor 3, and
 is a full mirror that coordinates with the other workers as a replica of a cluster
 does (through ``regmirror.cluster.redis``, or the parent's private coordinator, whose
-URL it finds in its environment). Its log events go to stdout as JSON lines, which the
-parent puts in twistd's log. It stops on SIGTERM (like twistd: the services stop, the
-transfers in progress are cut) and when its stdin reaches end of file (the parent is
-gone).
+URL it finds in its environment); it starts accepting once it has reached Redis (at
+most 5 s: ``regmirror.app.processes.joined``). Its log events go to stdout as JSON
+lines, which the parent puts in twistd's log. It stops on SIGTERM (like twistd: the
+services stop, the transfers in progress are cut) and when its stdin reaches end of
+file (the parent is gone).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ the listening sockets on loopback, the log relay, and the configuration."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -318,3 +319,57 @@ def test_a_worker_uses_the_cluster_or_else_the_private_coordinator(tmp_path: Pat
     assert config.cluster is not None and config.cluster.redis.port == 6380
     with pytest.raises(ConfigError):
         processes.worker_config(str(plain), 1, None)
+
+
+# --- a worker accepts once it joined its coordinator ----------------------------------
+
+
+class FakeRedis:
+    def __init__(self, connected: bool = False) -> None:
+        self.connected = connected
+        self.listeners: list[Any] = []
+
+    def on_change(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def set(self, connected: bool) -> None:
+        self.connected = connected
+        for listener in self.listeners:
+            listener(connected)
+
+
+def test_joined_fires_when_redis_is_reached_or_after_the_timeout() -> None:
+    clock = Clock()
+    assert processes.joined(FakeRedis(connected=True), clock).result is True  # type: ignore[arg-type]
+    redis = FakeRedis()
+    waiting = processes.joined(redis, clock, timeout=5.0)  # type: ignore[arg-type]
+    clock.advance(1.0)
+    assert not waiting.called
+    redis.set(True)
+    assert waiting.result is True and not clock.getDelayedCalls()
+    alone = processes.joined(FakeRedis(), clock, timeout=5.0)  # type: ignore[arg-type]
+    clock.advance(5.0)
+    assert alone.result is False
+
+
+def test_a_worker_adopts_its_socket_only_once_ready() -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.testing import MemoryReactor
+
+    from regmirror.app.listeners import AdoptedPort
+    from regmirror.app.sockets import Inherited
+
+    reactor = MemoryReactor()
+    sock = ListenAddress("inet", "127.0.0.1", 0).bind()
+    try:
+        ready: Deferred[bool] = Deferred()
+        port = AdoptedPort(reactor, Inherited(sock.fileno(), "inet", 1), object(), lambda: ready)
+        port.startService()
+        assert reactor.adoptedPorts == []
+        ready.callback(True)
+        assert [(fd, family) for fd, family, _ in reactor.adoptedPorts] == [
+            (sock.fileno(), socket.AF_INET)
+        ]
+        assert not os.get_blocking(sock.fileno())  # for Twisted's accept loop
+    finally:
+        sock.close()
