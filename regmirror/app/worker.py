@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -63,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Signals from a terminal (Ctrl-C) go to the parent, which stops the workers in order.
     os.setpgid(0, 0)
+    # The parent passes SIGHUP on: it reloads TLS files and htpasswd where configured
+    # (``ReloadOnHangup`` installs its handler), and must not end a worker elsewhere.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     out = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
     try:

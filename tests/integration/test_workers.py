@@ -12,16 +12,18 @@ import http.client
 import os
 import re
 import signal
+import ssl
 import threading
 from collections.abc import Callable
 
 import pytest
 
+from tests.support.certs import CA
 from tests.support.images import Blob
 from tests.support.mirror import Mirror
 from tests.support.process import alive, cmdline, descendants, require_tool
 from tests.support.proxy import CountingProxy
-from tests.support.rawhttp import connect
+from tests.support.rawhttp import connect, request
 from tests.support.redis import RedisServer
 from tests.support.wait import poll_until
 
@@ -218,6 +220,10 @@ def test_workers_join_a_configured_cluster_and_start_no_redis_of_their_own(
 
 def test_a_worker_that_dies_is_started_again(workers: Mirror) -> None:
     before = worker_pids(workers)
+    assert workers.pid is not None
+    # Without TLS or htpasswd a worker has nothing to reload: SIGHUP, passed on by the
+    # parent, must not end it (worker 2's pid is checked below).
+    os.kill(workers.pid, signal.SIGHUP)
     os.kill(before[1], signal.SIGKILL)
 
     def replaced() -> bool:
@@ -230,6 +236,47 @@ def test_a_worker_that_dies_is_started_again(workers: Mirror) -> None:
         workers.log_text(),
     )
     connections_per_worker(workers, each=1)  # both serve again
+
+
+def test_sighup_reloads_tls_in_every_worker_and_stops_none(
+    upstream_proxy: CountingProxy, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    base = tmp_path_factory.mktemp("tls")
+    ca = CA("workers CA")
+    context = ssl.create_default_context(cafile=str(ca.write(base / "ca.crt")))
+    cert = ca.issue("127.0.0.1").write(base, "server")
+    tls = {"certificate": str(cert.cert_path), "key": str(cert.key_path)}
+    mirror = Mirror(
+        base / "mirror",
+        upstream_proxy.url,
+        extra={"http": {"tls": tls}, **WORKERS},
+        ssl_context=context,
+    )
+    mirror.start()
+    seen: set[str] = set()
+
+    def both() -> bool:
+        resp = request(mirror.url, "GET", "/v2/", ssl_context=context)
+        assert resp.status == 200
+        seen.add(re.search(r"worker/(\d)", resp.header("Server") or "")[1])  # type: ignore[index]
+        return seen == {"1", "2"}
+
+    try:
+        poll_until(both, 20, what="both workers answering over TLS")
+        before = worker_pids(mirror)
+        assert mirror.pid is not None
+        os.kill(mirror.pid, signal.SIGHUP)
+        reloaded = re.compile(r"\[w([12])/regmirror\.http\.tls#info\] SIGHUP: reloading")
+        poll_until(
+            lambda: set(reloaded.findall(mirror.log_text())) == {"1", "2"},
+            20,
+            what="both workers reloading their TLS files",
+        )
+        assert worker_pids(mirror) == before
+        seen.clear()
+        poll_until(both, 20, what="both workers answering over TLS after the reload")
+    finally:
+        mirror.stop()
 
 
 def test_sigterm_to_twistd_stops_every_worker_and_the_coordinator(workers: Mirror) -> None:
