@@ -232,6 +232,9 @@ class RedisInFlight:
             except CoordinatorDown:
                 return await self._local.join_or_start(digest, start)
             if held is None:
+                committed = self._committed(digest)
+                if committed is not None:
+                    return committed
                 try:
                     return await self._local.join_or_start(
                         digest, lambda lease: self._start_here(digest, start, lease)
@@ -255,6 +258,16 @@ class RedisInFlight:
                 )
                 return await self._local.join_or_start(digest, start)
             await sleep(self._clock, WAIT)  # the holder waits for the upstream's headers
+
+    def _committed(self, digest: Digest) -> RemoteFetch | None:
+        """The blob committed by a replica whose lease this one just saw given back
+        (after the rename: the store shows it), although it was not in the store when
+        this one looked: served from the store, not fetched again."""
+        size = self._store.blob_size(digest)
+        if size is None:
+            return None
+        done = Progress(State.COMMITTED, size, size, size)
+        return RemoteFetch(self._store, digest, "", self._store.blob_path(digest), done)
 
     async def _start_here(self, digest: Digest, start: StartFetch, local: FetchLease) -> BlobFetch:
         value = f"{self._replica} {secrets.token_hex(8)}"

@@ -231,6 +231,37 @@ async def test_a_second_replica_follows_the_fetch_and_never_gets_the_last_byte_e
         b.inflight.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_blob_committed_while_a_replica_looked_is_not_fetched_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # b missed the store just before a committed the blob and gave its lease back: b
+    # must find it in the store, not take the free lease and fetch it a second time.
+    a, b = await replicas(cluster, tmp_path)
+    try:
+        await a.inflight.join_or_start(DIGEST, a.start)
+        a.fetches[0].write(DATA)
+        a.held[0].release()
+        await until(lambda: not a.inflight.active(DIGEST), what="a's fetch to end")
+        coordinator = await cluster.coordinator()
+        key = coordinator.key(f"fetch|{DIGEST}")
+        deadline = time.monotonic() + 10
+        while await coordinator.call("GET", key) is not None:
+            assert time.monotonic() < deadline, "a's lease was not given back"
+            await sleep(reactor, 0.02)
+        got = await b.inflight.join_or_start(DIGEST, b.start)
+        assert not b.fetches  # nothing fetched by b
+        assert got.state is State.COMMITTED and got.readable() == len(DATA)
+        fd = got.open_reader()
+        try:
+            assert os.read(fd, len(DATA) + 1) == DATA
+        finally:
+            os.close(fd)
+    finally:
+        a.inflight.stop()
+        b.inflight.stop()
+
+
 class _HoldHash:
     """Writer events passed on, but the digest's verdict only on ``release``."""
 
