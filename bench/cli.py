@@ -24,8 +24,11 @@ import yaml
 
 from bench.env import BenchEnv, MiB, _status_kib
 from bench.report import render_markdown, render_text
-from bench.scenarios import MB, SCENARIOS, Context, Params, rss_rows
+from bench.scale import SCALE_SCENARIOS
+from bench.scenarios import MB, Context, Params, rss_rows
+from bench.scenarios import SCENARIOS as BASE_SCENARIOS
 
+SCENARIOS = {**BASE_SCENARIOS, **SCALE_SCENARIOS}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
 
@@ -37,6 +40,7 @@ TOOLS = {
     "ab": "apache2-utils",
     "curl": "curl",
     "sha256sum": "coreutils",
+    "redis-server": "redis-server",
 }
 
 

@@ -97,14 +97,15 @@ class ConcurrentResult:
 
 
 def concurrent_curl(
-    url: str,
+    url: str | Sequence[str],
     clients: int,
     *,
     expect_size: int | None = None,
     hash_bodies: bool = True,
     max_time: float = 300.0,
 ) -> ConcurrentResult:
-    """Run ``clients`` curl processes on ``url`` at once.
+    """Run ``clients`` curl processes on ``url`` at once (several URLs: client ``i``
+    asks the ``i``-th, round robin).
 
     Each curl is started behind a gate (``sh -c 'read _ && exec curl ...'``), so that
     process start-up does not spread the requests out: all gates are opened together
@@ -112,12 +113,14 @@ def concurrent_curl(
     ``sha256sum``; otherwise it goes to ``/dev/null``.
     """
     write_out = "%{stderr}" + _CURL_FORMAT + "\\n"
-    argv = ["curl", "-sS", "-w", write_out, "--max-time", f"{max_time:g}", "-o"]
-    argv += ["-" if hash_bodies else "/dev/null", url]
+    urls = [url] if isinstance(url, str) else list(url)
+    base = ["curl", "-sS", "-w", write_out, "--max-time", f"{max_time:g}", "-o"]
+    base.append("-" if hash_bodies else "/dev/null")
     gates: list[subprocess.Popen[bytes]] = []
     hashers: list[subprocess.Popen[bytes] | None] = []
     try:
-        for _ in range(clients):
+        for i in range(clients):
+            argv = [*base, urls[i % len(urls)]]
             gate = subprocess.Popen(
                 ["sh", "-c", 'read _ && exec "$@"', "sh", *argv],
                 stdin=subprocess.PIPE,
@@ -156,7 +159,7 @@ def concurrent_curl(
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in threads):
-            raise ClientError(f"{clients} concurrent GETs of {url} did not end in {max_time:g}s")
+            raise ClientError(f"{clients} concurrent GETs of {urls} did not end in {max_time:g}s")
     finally:
         for proc in [*gates, *(h for h in hashers if h is not None)]:
             if proc.poll() is None:
@@ -178,7 +181,7 @@ def concurrent_curl(
             errors.append(f"client {i}: curl exited with {rc}: {text.strip()[:300]}")
         else:
             try:
-                _check_curl(url, result, expect_size)
+                _check_curl(urls[i % len(urls)], result, expect_size)
             except ClientError as e:
                 errors.append(f"client {i}: {e}")
         results.append(result)

@@ -12,7 +12,6 @@ are attributable, and each can be capped at a WAN-like rate.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -26,6 +25,7 @@ from tests.support.certs import CA
 from tests.support.images import Blob, Image, RegistryPusher, sha256_digest
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
+from tests.support.process import descendants
 from tests.support.proxy import CountingProxy
 from tests.support.upstream import UpstreamRegistry
 from tests.support.wait import poll_until
@@ -350,24 +350,8 @@ def _status_kib(pid: int, key: str) -> int | None:
 
 
 def _descendants(pid: int) -> list[int]:
-    """``pid`` and its descendants (workers, if a server ever forks any)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    """``pid`` and its descendants (workers, a coordinator)."""
+    return [pid, *descendants(pid)]
 
 
 def reset_peak_rss(pid: int) -> bool:

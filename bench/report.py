@@ -50,6 +50,9 @@ class Row:
     target: Target | None = None
     # False: the ratio column stays empty (values not comparable, or only one side).
     show_ratio: bool = True
+    # The two value columns and the ratio's (rows with other columns get a table of
+    # their own): the distribution proxy and regmirror, or workers: 1 and workers: 2.
+    columns: tuple[str, str, str] = ("distribution proxy", "regmirror", "ratio rm/dist")
 
     def cells(self) -> list[str]:
         return [
@@ -84,12 +87,29 @@ def format_value(value: float | None, unit: str = "", digits: int = 2) -> str:
 HEADER = ["scenario", "metric", "distribution proxy", "regmirror", "ratio rm/dist", "target"]
 
 
+def header(columns: tuple[str, str, str]) -> list[str]:
+    return ["scenario", "metric", *columns, "target"]
+
+
+def _groups(rows: Sequence[Row]) -> list[list[Row]]:
+    """Rows by their columns, one table each, in the order the columns first appear."""
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.columns, []).append(row)
+    return list(groups.values()) or [[]]
+
+
 def _table(rows: Sequence[Row]) -> list[list[str]]:
-    return [HEADER, *(row.cells() for row in rows)]
+    columns = rows[0].columns if rows else Row("", "").columns
+    return [header(columns), *(row.cells() for row in rows)]
 
 
 def render_text(rows: Sequence[Row]) -> str:
-    """A fixed-width table for the terminal."""
+    """Fixed-width tables for the terminal."""
+    return "\n\n".join(_render_text(group) for group in _groups(rows))
+
+
+def _render_text(rows: Sequence[Row]) -> str:
     table = _table(rows)
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
     lines = []
@@ -105,6 +125,10 @@ def _md_escape(cell: str) -> str:
 
 
 def render_markdown(rows: Sequence[Row]) -> str:
+    return "\n\n".join(_render_markdown(group) for group in _groups(rows))
+
+
+def _render_markdown(rows: Sequence[Row]) -> str:
     table = _table(rows)
     lines = ["| " + " | ".join(_md_escape(c) for c in table[0]) + " |"]
     lines.append("|" + "|".join("---" for _ in HEADER) + "|")

@@ -20,7 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regmirror.domain.digest import Digest
-from regmirror.fetch.blobfetch import BlobFetch
+from regmirror.domain.media import Accept
+from regmirror.fetch.blobfetch import BlobFetch, FetchView
 from regmirror.fetch.inflight import (
     FailureReason,
     FetchProgress,
@@ -29,7 +30,7 @@ from regmirror.fetch.inflight import (
     StartFetch,
     failure_reason,
 )
-from regmirror.mirror.freshness import TagFreshness, TagRef
+from regmirror.mirror.freshness import Seen, TagFreshness, TagRef, Turn
 
 
 def digest_of(data: bytes) -> str:
@@ -182,13 +183,13 @@ class FakeInFlight:
         self.reads: dict[object, Digest] = {}  # one entry per reader
         self.failed: Counter[FailureReason] = Counter()
 
-    def fetch(self, digest: Digest) -> BlobFetch | None:
+    def fetch(self, digest: Digest) -> FetchView | None:
         return self.running.get(digest)
 
     def active(self, digest: Digest) -> bool:
         return digest in self.running
 
-    async def join_or_start(self, digest: Digest, start: StartFetch) -> BlobFetch:
+    async def join_or_start(self, digest: Digest, start: StartFetch) -> FetchView:
         if digest in self.running:
             return self.running[digest]
         self.started.append(digest)
@@ -237,21 +238,29 @@ class _FakeLease:
 class FakeTagFreshness:
     """``TagFreshness`` that a test sets: a (tag, media type) is fresh while it is in
     ``fresh_now``, whatever the window; ``checked`` records each check (and makes it
-    fresh), ``forget`` drops a tag."""
+    fresh), ``forget`` drops a tag; ``seen`` holds what other replicas checked."""
 
     def __init__(self) -> None:
         self.fresh_now: set[tuple[TagRef, str]] = set()
         self.checks: list[tuple[TagRef, str, float]] = []
+        self.seen: dict[TagRef, Seen] = {}
 
     def fresh(self, tag: TagRef, media_type: str, window: float) -> bool:
         return (tag, media_type) in self.fresh_now
 
-    def checked(self, tag: TagRef, media_type: str, when: float) -> None:
+    def checked(
+        self, tag: TagRef, media_type: str, when: float, digest: str = "", window: float = 0.0
+    ) -> None:
         self.checks.append((tag, media_type, when))
         self.fresh_now.add((tag, media_type))
 
     def forget(self, tag: TagRef) -> None:
         self.fresh_now = {(t, m) for t, m in self.fresh_now if t != tag}
+
+    async def settle(self, tag: TagRef, accept: Accept, window: float) -> Seen | Turn:
+        """What ``seen`` holds for the tag (another replica's check), else the turn."""
+        seen = self.seen.get(tag)
+        return seen if seen is not None else Turn()
 
 
 def _fakes_match_their_protocols() -> tuple[InFlight, TagFreshness]:

@@ -19,7 +19,7 @@ from twisted.web.server import Request
 
 from regmirror.api.responses import json_body, render_error
 from regmirror.domain.errors import Unsupported
-from regmirror.expiry.reaper import Reaper
+from regmirror.expiry.view import ReaperView
 from regmirror.mirror.cache import Cache
 from regmirror.mirror.mirrors import Mirrors
 from regmirror.reactor import ReactorTime
@@ -36,7 +36,7 @@ class Readiness:
     """The readiness checks, the store's probe remembered for ``every`` seconds."""
 
     def __init__(
-        self, clock: ReactorTime, store: Store, reaper: Reaper, *, every: float = 1.0
+        self, clock: ReactorTime, store: Store, reaper: ReaperView, *, every: float = 1.0
     ) -> None:
         self._clock = clock
         self._store = store

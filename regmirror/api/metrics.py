@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,15 +18,32 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from regmirror.expiry.reaper import Reaper
+from regmirror.expiry.view import ReaperView
 from regmirror.mirror.mirrors import Mirrors
 
 
+class ClusterState(Protocol):
+    """What the metrics read of the cluster's coordinator."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def outages(self) -> int: ...
+
+
 class MirrorCollector(Collector):
-    def __init__(self, mirrors: Mirrors, reaper: Reaper | None, responses: Counter[int]) -> None:
+    def __init__(
+        self,
+        mirrors: Mirrors,
+        reaper: ReaperView | None,
+        responses: Counter[int],
+        cluster: ClusterState | None = None,
+    ) -> None:
         self._mirrors = mirrors
         self._reaper = reaper
         self._responses = responses
+        self._cluster = cluster
 
     def collect(self) -> Iterator[Any]:
         responses = CounterMetricFamily(
@@ -144,7 +161,7 @@ class MirrorCollector(Collector):
             yield GaugeMetricFamily(
                 "regmirror_store_entries",
                 "Blobs and manifests in the store",
-                value=len(reaper.entries),
+                value=reaper.entry_count,
             )
             yield GaugeMetricFamily(
                 "regmirror_store_max_bytes", "The quota (0: none)", value=reaper.max_size
@@ -155,6 +172,25 @@ class MirrorCollector(Collector):
             for why in ("expired", "evicted"):
                 removed.add_metric([why], reaper.stats[why])
             yield removed
+
+        cluster = self._cluster
+        if cluster is not None:
+            yield GaugeMetricFamily(
+                "regmirror_cluster_connected",
+                "1 while the cluster's Redis is reachable (0: this replica works alone)",
+                value=1.0 if cluster.connected else 0.0,
+            )
+            yield CounterMetricFamily(
+                "regmirror_cluster_outages",
+                "Times the cluster's Redis became unreachable",
+                value=cluster.outages,
+            )
+            leader = getattr(reaper, "leader", None)
+            yield GaugeMetricFamily(
+                "regmirror_cluster_reaper_leader",
+                "1 while this replica leads the cluster's reaper",
+                value=1.0 if leader else 0.0,
+            )
 
 
 class MetricsResource(Resource):
@@ -176,13 +212,14 @@ class MetricsResource(Resource):
 
 def metrics_resource(
     mirrors: Mirrors,
-    reaper: Reaper | None,
+    reaper: ReaperView | None,
     responses: Counter[int],
     collectors: Iterable[Collector] = (),
+    cluster: ClusterState | None = None,
 ) -> MetricsResource:
     """``collectors``: more metrics, beside the mirror's (prefetch policies, ...)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MirrorCollector(mirrors, reaper, responses))
+    registry.register(MirrorCollector(mirrors, reaper, responses, cluster))
     for collector in collectors:
         registry.register(collector)
     return MetricsResource(registry)

@@ -39,7 +39,7 @@ from regmirror.api.responses import abort, blob_headers, gone
 from regmirror.api.stall import StallTimer
 from regmirror.domain.digest import Digest
 from regmirror.domain.ranges import Unsatisfiable, parse_range
-from regmirror.fetch.blobfetch import BlobFetch
+from regmirror.fetch.blobfetch import FetchView
 from regmirror.logs import get_logger
 from regmirror.mirror.sources import BlobSource, CommittedBlob, FollowedFetch, PassThrough
 
@@ -98,7 +98,7 @@ def make_sender(
             request.setHeader(b"content-length", b"%d" % size)
             return PassThroughSender(request, response, digest, size)
         case CommittedBlob(fd=fd, size=size, release=release):
-            fetch: BlobFetch | None = None
+            fetch: FetchView | None = None
         case FollowedFetch(fetch=fetch, fd=fd, size=size, release=release):
             pass
     try:
@@ -257,7 +257,7 @@ class FollowingSender(PreadSender):
     says is sendable; aborts the connection if the fetch fails."""
 
     def __init__(
-        self, request: Request, span: FileSpan, streaming: Streaming, fetch: BlobFetch
+        self, request: Request, span: FileSpan, streaming: Streaming, fetch: FetchView
     ) -> None:
         super().__init__(request, span, streaming)
         self._fetch = fetch

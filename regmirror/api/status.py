@@ -28,7 +28,7 @@ from regmirror.api.health import (
     upstream_states,
 )
 from regmirror.domain.events import RecentErrors
-from regmirror.expiry.reaper import Reaper
+from regmirror.expiry.view import ReaperView
 from regmirror.fetch.inflight import FetchProgress
 from regmirror.mirror.mirrors import Mirrors
 from regmirror.mirror.observe import Sampler, Traffic
@@ -59,7 +59,7 @@ class Status:
         self,
         clock: ReactorTime,
         mirrors: Mirrors,
-        reaper: Reaper,
+        reaper: ReaperView,
         sampler: Sampler,
         errors: RecentErrors,
         readiness: Readiness,
@@ -98,14 +98,14 @@ class Status:
         return document
 
     def _store(self) -> dict[str, Any]:
-        ledger = self._reaper.ledger
+        reaper = self._reaper
         return {
-            "bytes": ledger.usage,
-            "entries": len(ledger.entries),
-            "reserved_bytes": ledger.reserved,
-            "max_bytes": ledger.max_size,
-            "high_watermark_bytes": ledger.high,
-            "low_watermark_bytes": ledger.low,
+            "bytes": reaper.usage,
+            "entries": reaper.entry_count,
+            "reserved_bytes": reaper.reserved,
+            "max_bytes": reaper.max_size,
+            "high_watermark_bytes": reaper.high,
+            "low_watermark_bytes": reaper.low,
         }
 
     def _fetch(self, p: FetchProgress) -> dict[str, Any]:

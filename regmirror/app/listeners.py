@@ -8,11 +8,13 @@ and exit status 2, like any other configuration error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -26,6 +28,7 @@ from regmirror.api.auth import (
     parse_htpasswd,
 )
 from regmirror.api.status import OperatorPages
+from regmirror.app.sockets import FAMILIES, Inherited
 from regmirror.config import Config, ConfigError
 from regmirror.http.site import RegistrySite, make_site
 from regmirror.http.tls import ReloadOnHangup, ServerTLS, TLSError, TLSFactory, upstream_trust_root
@@ -76,6 +79,50 @@ class _PoolService(service.Service):
         return super().stopService()
 
 
+class AdoptedPort(service.Service):
+    """Serves ``factory`` on a listening socket this process inherited (a worker's),
+    once ``ready()`` fired (a worker joined its coordinator, or gave up waiting):
+    meanwhile connections wait in the socket's queue.
+
+    Stopping stops accepting; a unix socket is not closed, since closing the port would
+    remove its file, which the other workers still listen on."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        inherited: Inherited,
+        factory: Any,
+        ready: Callable[[], Deferred[Any]] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._inherited = inherited
+        self._factory = factory
+        self._ready = ready
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._ready is None:
+            self._adopt()
+        else:
+            self._ready().addBoth(lambda _: self._adopt() if self.running else None)
+
+    def _adopt(self) -> None:
+        family = FAMILIES[self._inherited.family]
+        os.set_blocking(self._inherited.fd, False)  # as it was bound: a blocking socket
+        self.port = self._reactor.adoptStreamPort(self._inherited.fd, family, self._factory)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        if self._inherited.family == "unix":
+            port.stopReading()
+            return None
+        return port.stopListening()
+
+
 def add_listener(
     top: service.MultiService,
     config: Config,
@@ -83,9 +130,13 @@ def add_listener(
     reactor: Any,
     tls: ServerTLS | None = None,
     pages: OperatorPages | None = None,
+    inherited: Inherited | None = None,
+    ready: Callable[[], Deferred[Any]] | None = None,
 ) -> RegistrySite:
-    """Add the HTTP(S) listener, and what it needs, to ``top``; ``pages`` (the probes and
-    the status page) are mounted on it behind its client authentication."""
+    """Add the HTTP(S) listener, and what it needs, to ``top``: on ``config.listen``,
+    or on the socket a worker ``inherited`` from its parent (accepting once ``ready()``
+    fired); ``pages`` (the probes and the status page) are mounted on it behind its
+    client authentication."""
     auth = None
     reloaders: list[Callable[[], object]] = []
     if config.auth is not None:
@@ -112,15 +163,20 @@ def add_listener(
         access=AccessRules(config.access.allow, config.access.deny),
         limits=config.limits,
         reactor=reactor,
+        worker=inherited.worker if inherited is not None else None,
     )
     if pages is not None:
         pages.mount(site.resource, auth)
-    if tls is None:
+    factory: Any = site if tls is None else TLSFactory(tls, site, reactor)
+    if tls is not None:
+        reloaders.insert(0, tls.reload)
+    if inherited is not None:
+        AdoptedPort(reactor, inherited, factory, ready).setServiceParent(top)
+    elif tls is None:
         strports.service(config.listen, site).setServiceParent(top)
     else:
         endpoint = serverFromString(reactor, config.listen)
-        StreamServerEndpointService(endpoint, TLSFactory(tls, site, reactor)).setServiceParent(top)
-        reloaders.insert(0, tls.reload)
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     if reloaders:
         ReloadOnHangup(reactor, reloaders).setServiceParent(top)
     return site

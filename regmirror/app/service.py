@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -15,18 +16,23 @@ from regmirror.api.metrics import metrics_resource
 from regmirror.api.prefetch_metrics import PrefetchCollector
 from regmirror.api.status import OperatorPages, Status
 from regmirror.app.admin import add_admin_listener
+from regmirror.app.cluster import add_cluster, cluster_parts, replica_name
 from regmirror.app.listeners import add_listener, check_files
+from regmirror.app.processes import check_workers, joined, workers_service
+from regmirror.app.sockets import Inherited
 from regmirror.config import Config, ConfigError, load_config
 from regmirror.domain.events import RecentErrors
+from regmirror.expiry.clusterreaper import ClusterReaper
 from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.purge import Purger
 from regmirror.expiry.reaper import Reaper
-from regmirror.fetch.inflight import LocalInFlight
+from regmirror.expiry.usage import Usage
+from regmirror.fetch.inflight import InFlight, LocalInFlight
 from regmirror.fetch.writers import threaded_writers
 from regmirror.http.internals import read_more_at_once
 from regmirror.http.tls import ServerTLS, upstream_trust_root
 from regmirror.mirror.cache import Cache
-from regmirror.mirror.freshness import LocalTagFreshness
+from regmirror.mirror.freshness import LocalTagFreshness, TagFreshness
 from regmirror.mirror.manifests import ManifestLRU
 from regmirror.mirror.mirrors import Mirrors
 from regmirror.mirror.observe import Sampler
@@ -55,15 +61,27 @@ class Options(usage.Options):
         try:
             self.loaded = load_config(self["config"])
             self.tls = check_files(self.loaded[0])
+            check_workers(self.loaded[0])
         except ConfigError as e:
             sys.stderr.write(f"regmirror: {e}\n")
             raise SystemExit(2) from None
 
 
-def build(config: Config, reactor: Any, tls: ServerTLS | None = None) -> service.MultiService:
-    """The service tree for a configuration (the reactor injected)."""
+def build(
+    config: Config,
+    reactor: Any,
+    tls: ServerTLS | None = None,
+    *,
+    inherited: Inherited | None = None,
+    worker: int | None = None,
+) -> service.MultiService:
+    """The service tree of a mirror for a configuration (the reactor injected); a
+    worker of ``regmirror.workers`` says which one it is and serves on the socket it
+    ``inherited``."""
     logs.set_level(config.log_level)
-    store = Store(config.root)
+    cluster = config.cluster
+    replica = replica_name(config, worker) if cluster is not None else ""
+    store = Store(config.root, replica)
     swept = store.prepare()
     if swept:
         log.info("swept {count} temporary files left by a previous run", count=swept)
@@ -78,9 +96,14 @@ def build(config: Config, reactor: Any, tls: ServerTLS | None = None) -> service
         low=config.low_watermark,
     )
     # What every upstream's cache shares: blobs and manifests are content-addressed.
-    inflight = LocalInFlight(config.max_upstream_fetches)
+    inflight: InFlight = LocalInFlight(config.max_upstream_fetches)
     lru = ManifestLRU(config.manifest_cache_size)
-    freshness = LocalTagFreshness(reactor)
+    freshness: TagFreshness = LocalTagFreshness(reactor)
+    usage: Usage = ledger
+    parts = None
+    if cluster is not None:  # the same seams, on Redis (regmirror.app.cluster)
+        parts = cluster_parts(config, cluster, reactor, store, replica)
+        inflight, freshness, usage = parts.inflight, parts.freshness, parts.usage
     trust_root = upstream_trust_root(config.upstream_ca)
     errors = RecentErrors(reactor.seconds)  # for the status page
     caches = []
@@ -113,7 +136,7 @@ def build(config: Config, reactor: Any, tls: ServerTLS | None = None) -> service
                 remote,
                 inflight=inflight,
                 lru=lru,
-                usage=ledger,
+                usage=usage,
                 freshness=freshness,
                 tag_freshness=config.tag_freshness if window is None else window,
                 fsync=config.fsync,
@@ -123,24 +146,37 @@ def build(config: Config, reactor: Any, tls: ServerTLS | None = None) -> service
             )
         )
     mirrors = Mirrors(caches, single=config.single_upstream)
-    reaper = Reaper(
-        reactor,
-        store,
-        ledger,
-        interval=config.reaper_interval,
-        run_in_thread=run_in_thread,
-        in_use=inflight.in_use,
-        on_removed=mirrors.forget,
-    )
     top = service.MultiService()
-    reaper.setServiceParent(top)
+    reaper: Reaper | ClusterReaper
+    if parts is None:
+        reaper = Reaper(
+            reactor,
+            store,
+            ledger,
+            interval=config.reaper_interval,
+            run_in_thread=run_in_thread,
+            in_use=inflight.in_use,
+            on_removed=mirrors.forget,
+        )
+        reaper.setServiceParent(top)
+    else:
+        reaper = add_cluster(
+            top,
+            parts,
+            config,
+            reactor,
+            store,
+            run_in_thread=run_in_thread,
+            on_removed=mirrors.forget,
+        )
     sampler = Sampler(reactor, mirrors)
     sampler.setServiceParent(top)
     readiness = Readiness(reactor, store, reaper)
     prefetch = PrefetchService(
         reactor,
         mirrors,
-        config.prefetch,
+        # one worker runs the policies: what it warms is in the shared store for all
+        config.prefetch if worker is None or worker == 1 else (),
         reserve=config.prefetch_reserve,
         concurrency=config.prefetch_concurrency,
     )
@@ -150,18 +186,25 @@ def build(config: Config, reactor: Any, tls: ServerTLS | None = None) -> service
         reactor, mirrors, reaper, sampler, errors, readiness, sections={"prefetch": prefetch.status}
     )
     pages = OperatorPages(status, readiness, mirrors, config.status_page)
-    site = add_listener(top, config, mirrors, reactor, tls, pages)
-    purger = Purger(
-        store,
-        run_in_thread=run_in_thread,
-        in_use=inflight.in_use,
-        drop=ledger.drop,
-        on_removed=mirrors.forget,
-        on_tag_removed=mirrors.forget_tag,
-    )
-    add_admin_listener(top, store, purger, reactor)
+    ready = None
+    if inherited is not None and parts is not None:  # a worker: accept once joined
+        ready = functools.partial(joined, parts.coordinator, reactor)
+    site = add_listener(top, config, mirrors, reactor, tls, pages, inherited, ready)
+    if parts is None:  # purge and fsck --repair use the local ledger: not in a cluster
+        purger = Purger(
+            store,
+            run_in_thread=run_in_thread,
+            in_use=inflight.in_use,
+            drop=ledger.drop,
+            on_removed=mirrors.forget,
+            on_tag_removed=mirrors.forget_tag,
+        )
+        add_admin_listener(top, store, purger, reactor)
     if config.metrics_path:
-        resource = metrics_resource(mirrors, reaper, site.responses, [PrefetchCollector(prefetch)])
+        coordinator = parts.coordinator if parts is not None else None
+        resource = metrics_resource(
+            mirrors, reaper, site.responses, [PrefetchCollector(prefetch)], coordinator
+        )
         site.resource.putChild(config.metrics_path[1:].encode(), resource)
     return top
 
@@ -172,6 +215,8 @@ def makeService(options: Options) -> service.MultiService:
     config, warnings = options.loaded
     for warning in warnings:
         log.warn("{warning}", warning=warning)
+    if config.workers > 1:
+        return workers_service(config, reactor, options["config"])
     top = build(config, reactor, options.tls)
     log.info(
         "regmirror mirroring {upstreams} into {root}, listening on {listen}",

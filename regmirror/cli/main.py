@@ -191,6 +191,7 @@ def purge(config_path: str, target: str, as_json: bool) -> None:
 
     def work() -> tuple[Exit, Any]:
         config, _ = check(config_path)
+        store_commands.refuse_shared(config)
         return Exit.OK, store_commands.purge(config, store_commands.parse_target(config, target))
 
     def text(result: Any) -> None:
@@ -212,6 +213,8 @@ def fsck(config_path: str, repair: bool, as_json: bool) -> None:
 
     def work() -> tuple[Exit, Any]:
         config, _ = check(config_path)
+        if repair:
+            store_commands.refuse_shared(config)
         store = Store(config.root)
         with _progress(as_json) as progress:
             task = progress.add_task("fsck", total=None)

@@ -101,6 +101,22 @@ def _last_use(entries: dict[Digest, Entry], store: Store, digest: Digest) -> flo
 # -- purge and quarantine -----------------------------------------------------------
 
 
+def refuse_shared(config: Config) -> None:
+    """``purge`` and ``fsck --repair`` go through one mirror's admin socket (its ledger,
+    what it reads now), or on the store directly when none runs: neither is safe when
+    replicas (``regmirror.cluster``) or workers share the store, so they are refused
+    (exit 2) before anything is read or changed."""
+    if config.cluster is not None:
+        key, who = "regmirror.cluster", "replicas"
+    elif config.workers > 1:
+        key, who = "regmirror.workers", "workers"
+    else:
+        return
+    raise Failed(
+        Exit.USAGE, f"purge/fsck --repair: not supported with {key} yet (the {who} share the store)"
+    )
+
+
 def parse_target(config: Config, text: str) -> Target:
     """``REPO[:TAG]``, ``REPO@DIGEST`` or ``DIGEST`` -> a ``Target``."""
     digest_text = text.rpartition("@")[2] if "@" in text else text

@@ -13,12 +13,13 @@ import yaml
 from regmirror.config.model import (
     AccessConfig,
     AuthConfig,
+    ClusterConfig,
     Config,
     Limits,
     TLSConfig,
     UpstreamConfig,
 )
-from regmirror.config.parsers import listen_endpoint
+from regmirror.config.parsers import listen_endpoint, redis_address
 from regmirror.config.prefetch import build_policies
 from regmirror.config.schema import DISTRIBUTION_KEYS, SCHEMA
 from regmirror.domain.names import DOCKER_HUB_HOSTS
@@ -141,6 +142,8 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
         prefetch=prefetch,
         prefetch_reserve=values["regmirror.prefetch_reserve"],
         prefetch_concurrency=values["regmirror.prefetch_concurrency"],
+        cluster=_cluster(values, source),
+        workers=values["regmirror.workers"],
         ignored=tuple(sorted(ignored)),
     )
     return config, warnings
@@ -219,6 +222,21 @@ def _tls(values: Mapping[str, Any], source: str) -> TLSConfig | None:
         key=key,
         clientcas=values["http.tls.clientcas"],
         minimum=values["http.tls.minimumtls"],
+    )
+
+
+def _cluster(values: Mapping[str, Any], source: str) -> ClusterConfig | None:
+    url = values["regmirror.cluster.redis"]
+    lease = values["regmirror.cluster.lease"]
+    if not 1.0 <= lease <= 300.0:
+        raise ConfigError(f"{source}: regmirror.cluster.lease: expected 1s to 5m, got {lease:g}s")
+    if not url:
+        return None
+    return ClusterConfig(
+        redis=redis_address(url),
+        name=values["regmirror.cluster.name"],
+        replica=values["regmirror.cluster.replica"],
+        lease=lease,
     )
 
 

@@ -114,6 +114,28 @@ class Limits:
 
 
 @attrs.frozen
+class RedisAddress:
+    """Where the cluster's Redis is (``regmirror.cluster.redis``, parsed)."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    tls: bool = False
+
+
+@attrs.frozen
+class ClusterConfig:
+    """``regmirror.cluster``: replicas over one shared store, coordinated by Redis."""
+
+    redis: RedisAddress
+    name: str = "regmirror"  # the prefix of every key and channel
+    replica: str = ""  # this replica's name (empty: host name and port)
+    lease: float = 15.0  # a fetch's lease in Redis, renewed while it runs
+
+
+@attrs.frozen
 class Config:
     source: str
     listen: str
@@ -148,6 +170,8 @@ class Config:
     prefetch: tuple[PrefetchPolicy, ...] = ()
     prefetch_reserve: Reserve = Reserve(20.0)
     prefetch_concurrency: int = 3
+    cluster: ClusterConfig | None = None  # regmirror.cluster.redis set
+    workers: int = 1  # processes sharing the listener (regmirror.app.workers)
     ignored: tuple[str, ...] = ()
 
     @property

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+from regmirror.config.model import RedisAddress
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|w)")
 _DURATION_UNITS = {
@@ -82,6 +84,12 @@ def count(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise ValueError(f"expected a non-negative integer, got {value!r}")
+
+
+def positive(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"expected a positive integer, got {value!r}")
 
 
 def choice(*choices: str) -> Callable[[object], str]:
@@ -169,6 +177,47 @@ def metrics_path(value: object) -> str:
     text = string(value)
     if (text and not re.fullmatch(r"/[A-Za-z0-9_.-]+", text)) or text == "/v2":
         raise ValueError(f"expected one path segment like /metrics (or empty), got {value!r}")
+    return text
+
+
+def redis_url(value: object) -> str:
+    """``regmirror.cluster.redis``: ``redis://[[user]:password@]host[:port][/db]`` or
+    ``rediss://`` (TLS, the server's certificate verified); empty: no cluster."""
+    text = string(value).strip()
+    if not text:
+        return ""
+    redis_address(text)
+    return text
+
+
+def redis_address(text: str) -> RedisAddress:
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"expected a redis:// or rediss:// URL, got {text!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"expected a port number in {text!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"expected a host in {text!r}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"expected a database number after the host, got {path!r}")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def key_prefix(value: object) -> str:
+    """``regmirror.cluster.name``: the prefix of every Redis key and channel."""
+    text = string(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+        raise ValueError(f"expected a name of letters, digits, '.', '_' or '-', got {value!r}")
     return text
 
 

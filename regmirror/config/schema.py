@@ -13,10 +13,13 @@ from regmirror.config.parsers import (
     count,
     credential_helper,
     fraction,
+    key_prefix,
     mapping_list,
     metrics_path,
     parse_duration,
     parse_size,
+    positive,
+    redis_url,
     registry_name,
     string,
     strings,
@@ -99,6 +102,11 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     "regmirror.prefetch": (policy_list, ()),
     "regmirror.prefetch_reserve": (reserve, Reserve(20.0)),
     "regmirror.prefetch_concurrency": (concurrency, 3),
+    "regmirror.cluster.redis": (redis_url, ""),
+    "regmirror.cluster.name": (key_prefix, "regmirror"),
+    "regmirror.cluster.replica": (string, ""),
+    "regmirror.cluster.lease": (parse_duration, 15.0),
+    "regmirror.workers": (positive, 1),
 }
 
 # Sections and keys of the distribution registry's format that regmirror accepts but

@@ -75,11 +75,15 @@ class Reaper(Service):
         # ``self.evict`` looked up at each request: replacing it replaces what is called.
         ledger.on_evict(lambda: self.evict())
 
-    # -- what regmirror.api.metrics reads --------------------------------------------
+    # -- what the pages read (regmirror.expiry.view) ----------------------------------
 
     @property
     def entries(self) -> dict[Digest, Entry]:
         return self.ledger.entries
+
+    @property
+    def entry_count(self) -> int:
+        return len(self.ledger.entries)
 
     @property
     def usage(self) -> int:
@@ -88,6 +92,18 @@ class Reaper(Service):
     @property
     def max_size(self) -> int:
         return self.ledger.max_size
+
+    @property
+    def reserved(self) -> int:
+        return self.ledger.reserved
+
+    @property
+    def high(self) -> int:
+        return self.ledger.high
+
+    @property
+    def low(self) -> int:
+        return self.ledger.low
 
     # -- lifecycle -------------------------------------------------------------------
 

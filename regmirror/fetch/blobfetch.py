@@ -61,6 +61,35 @@ class Follower(Protocol):
         """More is on disk, or the fetch was verified, or it failed."""
 
 
+class FetchView(Protocol):
+    """What the readers of a fetch in flight see of it, wherever it runs: a
+    ``BlobFetch`` of this process, or in a cluster a ``RemoteFetch``
+    (``regmirror.fetch.remote``) that another replica runs into the shared store."""
+
+    digest: Digest
+    size: int | None
+    received: int
+    state: State
+
+    @property
+    def verified(self) -> bool: ...
+
+    @property
+    def failed(self) -> bool: ...
+
+    def sendable(self) -> int: ...
+
+    def readable(self) -> int: ...
+
+    def follow(self, follower: Follower) -> None: ...
+
+    def unfollow(self, follower: Follower) -> None: ...
+
+    def when_committed(self) -> Deferred[None]: ...
+
+    def open_reader(self) -> int: ...
+
+
 class BlobFetch:
     """The temporary file of a blob being downloaded, with its readers' bookkeeping.
 

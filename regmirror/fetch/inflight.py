@@ -29,7 +29,7 @@ import attrs
 from twisted.internet.defer import DeferredSemaphore
 
 from regmirror.domain.digest import Digest
-from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, State
+from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, FetchView, State
 from regmirror.fetch.singleflight import SingleFlight
 from regmirror.storage.store import is_disk_full
 
@@ -81,13 +81,13 @@ StartFetch = Callable[[FetchLease], Awaitable[BlobFetch]]
 
 @runtime_checkable
 class InFlight(Protocol):
-    def fetch(self, digest: Digest) -> BlobFetch | None:
+    def fetch(self, digest: Digest) -> FetchView | None:
         """The fetch of ``digest`` in flight, if any."""
 
     def active(self, digest: Digest) -> bool:
         """A fetch of ``digest`` is in flight or being started: a request would join."""
 
-    async def join_or_start(self, digest: Digest, start: StartFetch) -> BlobFetch:
+    async def join_or_start(self, digest: Digest, start: StartFetch) -> FetchView:
         """The fetch in flight for ``digest``, or the one ``start`` begins: one at a time
         per digest (concurrent callers share one ``start``), each holding one of the
         fetch slots (``regmirror.max_upstream_fetches``) until it ends. What ``start``
@@ -132,23 +132,23 @@ class LocalInFlight:
     def __init__(self, max_fetches: int = 0) -> None:
         self._slots = DeferredSemaphore(max_fetches) if max_fetches > 0 else None
         self._fetches: dict[Digest, BlobFetch] = {}
-        self._starting: SingleFlight[BlobFetch] = SingleFlight()
+        self._starting: SingleFlight[FetchView] = SingleFlight()
         self._readers: Counter[Digest] = Counter()
         self._failures: Counter[FailureReason] = Counter()
 
-    def fetch(self, digest: Digest) -> BlobFetch | None:
+    def fetch(self, digest: Digest) -> FetchView | None:
         return self._fetches.get(digest)
 
     def active(self, digest: Digest) -> bool:
         return digest in self._fetches or digest in self._starting
 
-    async def join_or_start(self, digest: Digest, start: StartFetch) -> BlobFetch:
+    async def join_or_start(self, digest: Digest, start: StartFetch) -> FetchView:
         fetch = self._fetches.get(digest)
         if fetch is not None:
             return fetch
         return await self._starting.run(digest, lambda: self._start(start))
 
-    async def _start(self, start: StartFetch) -> BlobFetch:
+    async def _start(self, start: StartFetch) -> FetchView:
         if self._slots is not None:
             await self._slots.acquire()  # regmirror.max_upstream_fetches: wait for a slot
         lease = _LocalLease(self)

@@ -65,7 +65,8 @@ class RegistryRequest(Request):
     def process(self) -> None:
         """``Request.process``, leaner on the hot path (a cached manifest is answered in
         ~150 µs, so each µs shows): the ``Date`` header formatted once a second, our
-        ``Server`` header set once, path segments unquoted only when they hold a ``%``.
+        ``Server`` header (the site's: a worker adds its number) set once, path segments
+        unquoted only when they hold a ``%``.
         Traversal is still ``Site.getResourceFor``: the one way into the API. No
         encoding resources (gzip wrappers) are used here, so their check is left out;
         the rare ``*`` target goes to Twisted's own ``process``."""
@@ -75,7 +76,7 @@ class RegistryRequest(Request):
         channel = self.channel
         assert isinstance(channel, RegistryChannel)  # RegistrySite's protocol
         site = channel.site  # getResourceFor sets self.site
-        self.setHeader(b"server", SERVER)
+        self.setHeader(b"server", site.server if isinstance(site, RegistrySite) else SERVER)
         self.setHeader(b"date", http_date())
         self.prepath = []
         self.postpath = [unquote(s) if b"%" in s else s for s in self.path[1:].split(b"/")]
@@ -147,6 +148,7 @@ class RegistrySite(Site):
         access_log: bool = True,
         tls: bool = False,
         limits: Limits | None = None,
+        server: bytes = SERVER,
         **kwargs: Any,
     ) -> None:
         limits = limits or Limits()
@@ -154,6 +156,7 @@ class RegistrySite(Site):
         super().__init__(resource, requestFactory=RegistryRequest, **kwargs)
         self.tls = tls
         self.limits = limits
+        self.server = server  # the Server header (a worker adds its number)
         self._access_log = access_log
         self.responses: Counter[int] = Counter()  # status -> count, for metrics
         self.noisy = False
@@ -190,11 +193,16 @@ def make_site(
     auth: ClientAuth | None = None,
     access: AccessRules | None = None,
     limits: Limits | None = None,
+    worker: int | None = None,
 ) -> RegistrySite:
     """The site of a listener: the API behind ``auth`` and ``access``, within
     ``limits``; blobs go out with sendfile where the connection allows it, and a client
-    that stops reading one is cut after the idle timeout."""
+    that stops reading one is cut after the idle timeout. A worker of
+    ``regmirror.workers`` says which one it is in the ``Server`` header."""
     limits = limits or Limits()
     streaming = Streaming(reactor, limits.idle_timeout, zero_copy_socket)
     root = make_root(cache, auth=auth, access=access, limits=limits, streaming=streaming)
-    return RegistrySite(root, access_log=access_log, tls=tls, limits=limits, reactor=reactor)
+    server = SERVER if worker is None else SERVER + b" worker/%d" % worker
+    return RegistrySite(
+        root, access_log=access_log, tls=tls, limits=limits, server=server, reactor=reactor
+    )

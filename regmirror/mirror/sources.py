@@ -12,7 +12,7 @@ import attrs
 from treq.response import _Response
 
 from regmirror.domain.digest import Digest
-from regmirror.fetch.blobfetch import BlobFetch
+from regmirror.fetch.blobfetch import FetchView
 
 
 def _noop() -> None:
@@ -36,7 +36,7 @@ class FollowedFetch:
     """A fetch in flight of known size: a descriptor of its temporary file, read as it
     grows (the last byte only once the digest matched); ``release`` when done."""
 
-    fetch: BlobFetch
+    fetch: FetchView
     fd: int
     size: int
     release: Callable[[], None] = _noop

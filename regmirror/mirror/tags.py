@@ -7,7 +7,9 @@ repository, loaded lazily from the store. Within the window (``TagFreshness``) a
 answered from the cache; past it, one ``HEAD`` (shared by all concurrent requests for
 that tag and Accept set) revalidates it: the same digest, or another one already
 cached, is served; otherwise one ``GET``. An unreachable, failing or rate-limiting
-upstream gets the cached manifest served stale; a 404 drops the tag.
+upstream gets the cached manifest served stale; a 404 drops the tag. In a cluster the
+replicas share the checks (``TagFreshness.settle``): one replica asks the upstream, the
+others serve what it found.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from regmirror.domain.media import Accept
 from regmirror.domain.pagination import tag_list_page
 from regmirror.fetch.singleflight import SingleFlight
 from regmirror.logs import get_logger
-from regmirror.mirror.freshness import TagFreshness, TagRef
+from regmirror.mirror.freshness import Seen, TagFreshness, TagRef, Turn
 from regmirror.mirror.manifests import Manifest, Manifests
 from regmirror.mirror.visibility import Visibility
 from regmirror.reactor import ReactorTime
@@ -85,6 +87,34 @@ class Tags:
 
     async def _revalidate(self, repository: str, tag: str, accept: Accept) -> Manifest:
         ref = self._ref(repository, tag)
+        settled = await self._freshness.settle(ref, accept, self.window)
+        if isinstance(settled, Seen):
+            manifest = self._adopt(ref, settled, accept)
+            if manifest is not None:
+                return manifest
+            settled = Turn()  # what it names is no longer here: check it again
+        try:
+            return await self._check(ref, accept)
+        finally:
+            settled.done()
+
+    def _adopt(self, ref: TagRef, seen: Seen, accept: Accept) -> Manifest | None:
+        """Another replica checked the tag within the window: serve what it found (its
+        manifest is in the shared store), and remember it here."""
+        try:
+            manifest = self._manifests.cached(Digest.parse(seen.digest))
+        except RegistryError:
+            return None
+        if manifest is None or not accept.accepts(manifest.media_type):
+            return None
+        variants = self._load(ref)
+        variants.pop(seen.media_type, None)
+        variants[seen.media_type] = seen.digest
+        self._stats["tag_shared"] += 1
+        return manifest
+
+    async def _check(self, ref: TagRef, accept: Accept) -> Manifest:
+        repository, tag = ref.repository, ref.tag
         picked = _pick(self._load(ref), accept)
         cached = self._manifests.cached(picked[1]) if picked is not None else None
         now = self._clock.seconds()
@@ -101,7 +131,7 @@ class Tags:
             if head.code != 200:
                 return self._stale(ref, media_type, cached, f"upstream answered {head.code}")
             if head.digest == str(cached.digest):
-                self._freshness.checked(ref, media_type, now)
+                self._freshness.checked(ref, media_type, now, str(cached.digest), self.window)
                 return cached
             if head.digest:
                 try:
@@ -133,7 +163,9 @@ class Tags:
             tag=ref.tag,
             reason=reason,
         )
-        self._freshness.checked(ref, media_type, self._clock.seconds())
+        self._freshness.checked(
+            ref, media_type, self._clock.seconds(), str(manifest.digest), self.window
+        )
         return manifest
 
     def _ref(self, repository: str, tag: str) -> TagRef:
@@ -150,8 +182,8 @@ class Tags:
         variants = self._load(ref)
         variants.pop(manifest.media_type, None)
         variants[manifest.media_type] = str(manifest.digest)
-        self._freshness.checked(ref, manifest.media_type, now)
         self._store.write_tag(ref.upstream, ref.repository, ref.tag, variants)
+        self._freshness.checked(ref, manifest.media_type, now, str(manifest.digest), self.window)
 
     def _forget(self, ref: TagRef) -> None:
         self._variants.pop(ref, None)

@@ -10,7 +10,8 @@ Layout (DESIGN.md)::
     ROOT/repositories/UP/NAME/_taglist.json             the last full tag list seen
     ROOT/repositories/UP/NAME/_referrers/sha256/<hex>.json  referrers of a subject
     ROOT/_tmp/                              in-flight downloads (swept at start-up)
-    ROOT/_state/reaper.sqlite3              the reaper's ledger
+    ROOT/_tmp/<replica>/                    ... of one replica of a cluster
+    ROOT/_state/reaper.sqlite3              the reaper's ledger (not in a cluster)
     ROOT/_state/admin.sock                  the running mirror's admin socket (the CLI's)
     ROOT/_quarantine/sha256/<hex>           content that failed ``regmirror fsck``
 
@@ -69,11 +70,13 @@ class Store:
     """Files on disk. Small metadata writes are synchronous; blob bodies are written by
     the fetch in bounded chunks, and fsync runs in a thread (see ``regmirror.fetch``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, replica: str = "") -> None:
+        """``replica``: this replica's name in a cluster sharing the store; its temporary
+        files are then in ``_tmp/<replica>/``, the only ones it sweeps."""
         self.root = root.absolute()
         self.blobs = self.root / "blobs"
         self.repositories = self.root / "repositories"
-        self.tmp = self.root / "_tmp"
+        self.tmp = self.root / "_tmp" / replica if replica else self.root / "_tmp"
         self.state = self.root / "_state"
         self.reaper_state = self.state / "reaper.sqlite3"
         self.admin_socket = self.state / "admin.sock"

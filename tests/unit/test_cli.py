@@ -1,16 +1,22 @@
-"""The CLI's pure parts: image references, repository routing, platforms, masking."""
+"""The CLI's pure parts: image references, repository routing, platforms, masking; and
+its refusal to change a store that replicas or workers share."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from regmirror.cli.main import main as cli
 from regmirror.cli.prefetch import Platform
 from regmirror.cli.refs import ImageRef, parse_image, route
 from regmirror.cli.showconfig import MASK, effective, masked
 from regmirror.config import parse_config
 from regmirror.domain.digest import Digest
+from regmirror.storage.store import Store
 
 HEX = "ab" * 32
 
@@ -161,3 +167,62 @@ def test_the_effective_config_never_holds_a_password() -> None:
     assert [u["password"] for u in shown["upstreams"]] == [MASK, MASK]
     assert shown["upstreams"][0]["username"] == "u"
     assert isinstance(shown["root"], str)
+
+
+# -- purge and fsck --repair refused where replicas or workers share the store --------
+
+
+def shared_store(tmp_path: Path, regmirror: dict[str, object]) -> tuple[str, Path]:
+    """A config file on a store holding one damaged blob (its bytes are not its
+    digest's): what ``purge`` would remove and ``fsck --repair`` would quarantine."""
+    store = Store(tmp_path / "data")
+    store.prepare()
+    digest = Digest.of(b"the layer")
+    path = store.blob_path(digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not the layer")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        json.dumps(
+            {"storage": {"filesystem": {"rootdirectory": str(store.root)}}, "regmirror": regmirror}
+        )
+    )
+    return str(config), path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("regmirror", "line"),
+    [
+        (
+            {"cluster": {"redis": "redis://127.0.0.1:1"}},
+            "regmirror: purge/fsck --repair: not supported with regmirror.cluster yet "
+            "(the replicas share the store)",
+        ),
+        (
+            {"workers": 2},
+            "regmirror: purge/fsck --repair: not supported with regmirror.workers yet "
+            "(the workers share the store)",
+        ),
+    ],
+)
+def test_purge_and_fsck_repair_are_refused_on_a_shared_store_and_change_nothing(
+    tmp_path: Path, regmirror: dict[str, object], line: str
+) -> None:
+    config, blob = shared_store(tmp_path, regmirror)
+    before = tree(tmp_path / "data")
+    digest = "sha256:" + blob.name
+    for args in (["purge", "-c", config, digest], ["fsck", "-c", config, "--repair"]):
+        result = CliRunner().invoke(cli, args)
+        assert (result.exit_code, result.stdout, result.stderr) == (2, "", line + "\n")
+        assert tree(tmp_path / "data") == before  # nothing removed, nothing quarantined
+    # what only reads stays: fsck finds the damaged blob (exit 1), ls lists no repository
+    found = CliRunner().invoke(cli, ["fsck", "-c", config, "--json"])
+    assert found.exit_code == 1, found.output
+    assert [d["digest"] for d in json.loads(found.stdout)["damaged"]] == [digest]
+    listed = CliRunner().invoke(cli, ["ls", "-c", config, "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout)["repositories"] == []
+    assert tree(tmp_path / "data") == before

@@ -3,6 +3,9 @@ layer and the layers below it.
 
     cli > app > http > api > mirror > {expiry, fetch, upstream, storage} > domain
 
+``regmirror.coord`` (the cluster's Redis) sits beside storage: fetch, expiry, mirror and
+the layers above may use it; it uses only domain (with config, logs, reactor).
+
 ``regmirror.config``, ``regmirror.logs`` and ``regmirror.reactor`` (typing only) are
 usable by every layer; config and domain import nothing above them (config uses domain,
 so domain may not use config; logs imports nothing of ours). Among the four
@@ -28,17 +31,17 @@ ALLOWED: dict[str, set[str]] = {
     "logs": set(),
     "reactor": set(),
     "storage": {"domain"} | SHARED,
+    "coord": {"domain"} | SHARED,
     "upstream": {"domain"} | SHARED,
-    "fetch": {"domain", "storage"} | SHARED,
-    "expiry": {"domain", "storage"} | SHARED,
-    "mirror": {"domain", "storage", "upstream", "fetch", "expiry"} | SHARED,
-    "api": {"domain", "storage", "upstream", "fetch", "expiry", "mirror"} | SHARED,
-    "http": {"domain", "storage", "upstream", "fetch", "expiry", "mirror", "api"} | SHARED,
-    "app": {"domain", "storage", "upstream", "fetch", "expiry", "mirror", "api", "http"} | SHARED,
-    # the command line, the top like app (it may import anything)
-    "cli": {"domain", "storage", "upstream", "fetch", "expiry", "mirror", "api", "http", "app"}
+    "fetch": {"domain", "storage", "coord"} | SHARED,
+    "expiry": {"domain", "storage", "coord"} | SHARED,
+    "mirror": {"domain", "storage", "coord", "upstream", "fetch", "expiry"} | SHARED,
+    "api": {"domain", "storage", "coord", "upstream", "fetch", "expiry", "mirror"} | SHARED,
+    "http": {"domain", "storage", "coord", "upstream", "fetch", "expiry", "mirror", "api"} | SHARED,
+    "app": {"domain", "storage", "coord", "upstream", "fetch", "expiry", "mirror", "api", "http"}
     | SHARED,
 }
+ALLOWED["cli"] = ALLOWED["app"] | {"app"}  # the command line, the top like app (anything)
 EXEMPT = {"testing", "__init__"}  # regmirror.testing may use anything; the package root
 
 
