@@ -2,12 +2,16 @@
 
 ::
 
-    skopeo/curl/wrk/ab ─> distribution (proxy mode) ─> CountingProxy "dist" ─┐
-    skopeo/curl/wrk/ab ─> regmirror                 ─> CountingProxy "rm"   ─┼─> upstream
-    skopeo             ─────────────────────────────> CountingProxy "direct" ─┘  (distribution)
+    skopeo/curl/wrk/ab ─> distribution (proxy mode) ─> SpliceProxy "dist"  ─┐
+    skopeo/curl/wrk/ab ─> nginx proxy_cache         ─> SpliceProxy "nginx" ─┤
+    skopeo/curl/wrk/ab ─> regmirror                 ─> SpliceProxy "rm"    ─┼─> upstream
+    curl               ─────────────────────────────> SpliceProxy "direct" ─┤  (distribution)
+    skopeo/curl        ─────────────────────────────────────────────────────┘  (no proxy)
 
 Each path to the upstream has its own counting proxy, so upstream bytes and requests
-are attributable, and each can be capped at a WAN-like rate.
+are attributable, and each can be capped at a WAN-like rate. The proxies move the
+upstream's bytes with splice(2) (``tests.support.proxy.SpliceProxy``), so they do not
+cap the path; the direct path without any proxy is the ceiling.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from tests.support.certs import CA
 from tests.support.images import Blob, Image, RegistryPusher, sha256_digest
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
+from tests.support.nginx import NginxCache
 from tests.support.process import descendants
-from tests.support.proxy import CountingProxy
+from tests.support.proxy import SpliceProxy
 from tests.support.upstream import UpstreamRegistry
 from tests.support.wait import poll_until
 
@@ -50,14 +55,18 @@ def random_blob(seed: str, size: int, chunk: int = 32 * MiB) -> Blob:
     return Blob(sha256_digest(data), "application/octet-stream", data, seed)
 
 
+Server = UpstreamRegistry | Mirror | NginxCache
+NGINX_WORKERS = 2  # worker_processes of the main nginx (scenario 4 also runs 1)
+
+
 @dataclass
 class Side:
     """One system under test: its server and the counting proxy it reaches upstream by."""
 
-    key: str  # "dist" or "rm"
+    key: str  # "dist", "nginx" or "rm"
     label: str
-    server: UpstreamRegistry | Mirror
-    proxy: CountingProxy
+    server: Server
+    proxy: SpliceProxy
 
     @property
     def url(self) -> str:
@@ -72,7 +81,7 @@ class Side:
         return self.server.pid
 
     def has_blob(self, digest: str) -> bool:
-        if isinstance(self.server, Mirror):
+        if isinstance(self.server, (Mirror, NginxCache)):
             return self.server.has_blob(digest)
         return self.server.blob_data_path(digest).is_file()
 
@@ -90,15 +99,20 @@ class _TLSRegistry(UpstreamRegistry):
 
 @dataclass
 class TLSSides:
-    """regmirror and the distribution proxy, each over TLS with a certificate from one
-    test CA, on the same upstream paths as the plain-HTTP sides."""
+    """regmirror, nginx and the distribution proxy, each over TLS with a certificate
+    from one test CA, on the same upstream paths as the plain-HTTP sides."""
 
     ca_path: Path
     dist: Side
+    nginx: Side
     rm: Side
 
+    @property
+    def sides(self) -> tuple[Side, Side, Side]:
+        return self.dist, self.nginx, self.rm
+
     def stop(self) -> None:
-        for side in (self.rm, self.dist):
+        for side in (self.rm, self.nginx, self.dist):
             try:
                 side.server.stop()
             except Exception as e:
@@ -110,11 +124,13 @@ class BenchEnv:
     base_dir: Path
     regmirror_extra: Mapping[str, Any] = field(default_factory=dict)
     tag_freshness: str = "30s"
+    nginx_workers: int = NGINX_WORKERS
     upstream: UpstreamRegistry | None = None
-    direct: CountingProxy | None = None
+    direct: SpliceProxy | None = None
     dist: Side | None = None
+    nginx: Side | None = None
     rm: Side | None = None
-    _proxies: list[CountingProxy] = field(default_factory=list)
+    _proxies: list[SpliceProxy] = field(default_factory=list)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -137,6 +153,15 @@ class BenchEnv:
         )
         self.dist = Side("dist", "distribution proxy", dist, dist_proxy)
         dist.start()
+        nginx_proxy = self._proxy()
+        nginx = NginxCache(
+            self.base_dir / "nginx",
+            nginx_proxy.url,
+            workers=self.nginx_workers,
+            tag_valid=self.tag_freshness,
+        )
+        self.nginx = Side("nginx", "nginx", nginx, nginx_proxy)
+        nginx.start()
         rm_proxy = self._proxy()
         extra = deep_merge({"regmirror": {"access_log": False}}, self.regmirror_extra)
         mirror = Mirror(
@@ -149,18 +174,19 @@ class BenchEnv:
         self.rm = Side("rm", "regmirror", mirror, rm_proxy)
         mirror.start()
 
-    def _proxy(self) -> CountingProxy:
+    def _proxy(self) -> SpliceProxy:
         assert self.upstream is not None
-        proxy = CountingProxy.to_url(self.upstream.url)
+        proxy = SpliceProxy.to_url(self.upstream.url)
         self._proxies.append(proxy)
         proxy.start()
         return proxy
 
     def start_tls(self) -> TLSSides:
-        """Start a TLS regmirror and a TLS distribution proxy, fresh stores each."""
+        """Start a TLS regmirror, a TLS nginx and a TLS distribution proxy, fresh
+        stores each."""
         import ssl
 
-        assert self.dist is not None and self.rm is not None
+        assert self.dist is not None and self.rm is not None and self.nginx is not None
         base = self.base_dir / "tls"
         ca = CA("bench CA")
         ca_path = ca.write(base / "ca.crt")
@@ -182,6 +208,21 @@ class BenchEnv:
         dist.ssl_context = context
         dist.start()
         dist_side = Side("dist", "distribution proxy (TLS)", dist, self.dist.proxy)
+        nginx = NginxCache(
+            base / "nginx",
+            self.nginx.proxy.url,
+            workers=self.nginx_workers,
+            tag_valid=self.tag_freshness,
+            tls_cert=cert.cert_path,
+            tls_key=cert.key_path,
+            ssl_context=context,
+        )
+        try:
+            nginx.start()
+        except BaseException:
+            dist.stop()
+            raise
+        nginx_side = Side("nginx", "nginx (TLS)", nginx, self.nginx.proxy)
         mirror = Mirror(
             base / "regmirror",
             self.rm.proxy.url,
@@ -195,12 +236,14 @@ class BenchEnv:
         try:
             mirror.start()
         except BaseException:
+            nginx.stop()
             dist.stop()
             raise
-        return TLSSides(ca_path, dist_side, Side("rm", "regmirror (TLS)", mirror, self.rm.proxy))
+        rm_side = Side("rm", "regmirror (TLS)", mirror, self.rm.proxy)
+        return TLSSides(ca_path, dist_side, nginx_side, rm_side)
 
     def stop(self) -> None:
-        servers: list[Any] = [s.server for s in (self.rm, self.dist) if s is not None]
+        servers: list[Any] = [s.server for s in (self.rm, self.nginx, self.dist) if s is not None]
         for server in [*servers, self.upstream]:
             if server is not None:
                 try:
@@ -211,9 +254,36 @@ class BenchEnv:
             proxy.stop()
 
     @property
-    def sides(self) -> tuple[Side, Side]:
-        assert self.dist is not None and self.rm is not None
-        return self.dist, self.rm
+    def sides(self) -> tuple[Side, Side, Side]:
+        assert self.dist is not None and self.nginx is not None and self.rm is not None
+        return self.dist, self.nginx, self.rm
+
+    # --- servers started by a scenario, beside the main ones ---------------------------
+
+    def fresh_mirror(self, fleet: Fleet, base: Path, extra: Mapping[str, Any]) -> Side:
+        """A new regmirror with its own store and counting proxy, stopped with ``fleet``:
+        ``--regmirror-config`` applies, what the scenario sets in ``extra`` wins."""
+        assert self.upstream is not None
+        proxy = fleet.proxy(self.upstream.url)
+        config = deep_merge({"regmirror": {"access_log": False}}, self.regmirror_extra)
+        mirror = Mirror(
+            base,
+            proxy.url,
+            tag_freshness=self.tag_freshness,
+            log_level="info",
+            extra=deep_merge(config, extra),
+            ready_timeout=60.0,
+        )
+        fleet.start(mirror)
+        return Side("rm", "regmirror", mirror, proxy)
+
+    def fresh_nginx(self, fleet: Fleet, base: Path, workers: int) -> Side:
+        """A new nginx with ``workers`` worker processes, its own cache and proxy."""
+        assert self.upstream is not None
+        proxy = fleet.proxy(self.upstream.url)
+        nginx = NginxCache(base, proxy.url, workers=workers, tag_valid=self.tag_freshness)
+        fleet.start(nginx)
+        return Side("nginx", "nginx", nginx, proxy)
 
     @property
     def mirror(self) -> Mirror:
@@ -256,6 +326,14 @@ class BenchEnv:
         """Warnings, errors and tracebacks in regmirror's log."""
         return log_problems(self.mirror.log_text())
 
+    def nginx_problems(self) -> list[str]:
+        """Lines of nginx's error log at level error or above."""
+        assert self.nginx is not None and isinstance(self.nginx.server, NginxCache)
+        text = self.nginx.server.log_text()
+        return [
+            line for line in text.splitlines() if re.search(r"\[(error|crit|alert|emerg)\]", line)
+        ]
+
     def distribution_problems(self) -> list[str]:
         assert self.dist is not None
         text = self.dist.server.log_text()
@@ -265,6 +343,14 @@ class BenchEnv:
             if re.search(r"level=(error|fatal|panic)", line)
             and "response completed with error" not in line
         ]
+
+
+def cluster_connected(mirror: Mirror) -> bool:
+    """Whether regmirror reports its Redis connection up (``workers`` > 1, a cluster)."""
+    from tests.support.rawhttp import request
+
+    text = request(mirror.url, "GET", "/metrics").body.decode()
+    return "regmirror_cluster_connected 1" in text
 
 
 def log_problems(text: str) -> list[str]:
@@ -290,7 +376,30 @@ def log_problems(text: str) -> list[str]:
     return out
 
 
-def wait_quiet(proxy: CountingProxy, quiet: float = 0.5, timeout: float = 120.0) -> None:
+@dataclass
+class Fleet:
+    """Servers and proxies a scenario started, stopped in reverse order by PID."""
+
+    servers: list[Any] = field(default_factory=list)
+
+    def start(self, server: Any) -> Any:
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def proxy(self, url: str) -> SpliceProxy:
+        proxy: SpliceProxy = self.start(SpliceProxy.to_url(url))
+        return proxy
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            try:
+                server.stop()
+            except Exception as e:
+                print(f"bench: could not stop {server}: {e!r}", flush=True)
+
+
+def wait_quiet(proxy: SpliceProxy, quiet: float = 0.5, timeout: float = 120.0) -> None:
     """Wait until no byte went through ``proxy`` (downstream) for ``quiet`` seconds."""
     deadline = time.monotonic() + timeout
     last, since = proxy.bytes_down, time.monotonic()
@@ -308,7 +417,7 @@ class TransferWatch:
     """Notes when ``size`` more bytes than at the start have come through ``proxy``:
     the moment one full copy of a blob has arrived from upstream."""
 
-    def __init__(self, proxy: CountingProxy, size: int, interval: float = 0.005) -> None:
+    def __init__(self, proxy: SpliceProxy, size: int, interval: float = 0.005) -> None:
         self.proxy = proxy
         self.size = size
         self.interval = interval
@@ -367,15 +476,17 @@ def reset_peak_rss(pid: int) -> bool:
 class RssMonitor:
     """Peak resident memory of a process tree while a ``with`` block runs.
 
-    Samples the summed VmRSS of the tree every ``interval`` s, and reads the main
-    process's VmHWM (reset at the start), reporting the larger: a short spike between
-    two samples still shows up in VmHWM.
+    Samples the VmRSS of every process of the tree every ``interval`` s: ``peak_kib``
+    is the largest sum, ``peak_process_kib`` the largest single process (a worker, an
+    nginx worker). It also reads the main process's VmHWM (reset at the start) and
+    counts it in both: a short spike between two samples still shows up in VmHWM.
     """
 
     def __init__(self, pid: int, interval: float = 0.02) -> None:
         self.pid = pid
         self.interval = interval
         self.peak_kib = 0
+        self.peak_process_kib = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -385,8 +496,9 @@ class RssMonitor:
         while not self._stop.is_set():
             if time.monotonic() > refresh:
                 pids, refresh = _descendants(self.pid), time.monotonic() + 1.0
-            total = sum(_status_kib(p, "VmRSS") or 0 for p in pids)
-            self.peak_kib = max(self.peak_kib, total)
+            each = [_status_kib(p, "VmRSS") or 0 for p in pids]
+            self.peak_kib = max(self.peak_kib, sum(each))
+            self.peak_process_kib = max(self.peak_process_kib, *each)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssMonitor:
@@ -402,10 +514,21 @@ class RssMonitor:
         hwm = _status_kib(self.pid, "VmHWM")
         if hwm is not None:
             self.peak_kib = max(self.peak_kib, hwm)
+            self.peak_process_kib = max(self.peak_process_kib, hwm)
 
     @property
     def peak_mib(self) -> float:
         return self.peak_kib / 1024
+
+    @property
+    def peak_process_mib(self) -> float:
+        return self.peak_process_kib / 1024
+
+
+def tree_rss_kib(pid: int) -> tuple[int, int]:
+    """VmRSS now of ``pid``'s tree: (the sum, the largest single process)."""
+    each = [_status_kib(p, "VmRSS") or 0 for p in _descendants(pid)]
+    return sum(each), max(each, default=0)
 
 
 @contextmanager

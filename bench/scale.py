@@ -21,18 +21,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.clients import ConcurrentResult, LoadResult, concurrent_curl, median, run_wrk
-from bench.env import BLOB_REPO, MiB, random_blob, wait_quiet
+from bench.env import BLOB_REPO, Fleet, MiB, random_blob, wait_quiet
+from bench.env import cluster_connected as _connected
 from bench.report import Row, Target, rm_between
 from bench.scenarios import Context, _latency_text, _rps_text
 from tests.support.images import DOCKER_MANIFEST, Image, docker_image
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
-from tests.support.proxy import CountingProxy
+from tests.support.proxy import SpliceProxy
 from tests.support.rawhttp import request
 from tests.support.redis import RedisServer
 from tests.support.skopeo import verify_dir
@@ -43,29 +44,6 @@ REPLICAS = 3
 CLUSTER_CLIENTS = 30
 CLUSTER = ("3 distribution proxies", "3 regmirror replicas", "ratio rm/dist")
 WORKERS = ("workers: 1", "workers: 2", "ratio 2/1")
-
-
-@dataclass
-class Fleet:
-    """What one scenario started, stopped in reverse order by PID."""
-
-    servers: list[Any] = field(default_factory=list)
-
-    def start(self, server: Any) -> Any:
-        self.servers.append(server)
-        server.start()
-        return server
-
-    def proxy(self, url: str) -> CountingProxy:
-        proxy: CountingProxy = self.start(CountingProxy.to_url(url))
-        return proxy
-
-    def stop(self) -> None:
-        for server in reversed(self.servers):
-            try:
-                server.stop()
-            except Exception as e:
-                print(f"bench: could not stop {server}: {e!r}", flush=True)
 
 
 def _mirror(ctx: Context, base: Path, upstream: str, extra: dict[str, Any]) -> Mirror:
@@ -82,11 +60,6 @@ def _mirror(ctx: Context, base: Path, upstream: str, extra: dict[str, Any]) -> M
     )
 
 
-def _connected(mirror: Mirror) -> bool:
-    text = request(mirror.url, "GET", "/metrics").body.decode()
-    return "regmirror_cluster_connected 1" in text
-
-
 # --- 7: a cluster ----------------------------------------------------------------------
 
 
@@ -94,7 +67,7 @@ def _connected(mirror: Mirror) -> bool:
 class _Trio:
     key: str  # "dist" or "rm"
     hosts: list[str]
-    proxy: CountingProxy
+    proxy: SpliceProxy
 
 
 def _start_cluster(ctx: Context, base: Path, fleet: Fleet) -> tuple[_Trio, _Trio]:
@@ -298,7 +271,7 @@ def workers(ctx: Context) -> None:
     base = ctx.tmp / "workers"
     try:
         ctx.log("8 workers: starting regmirror with workers: 1 and with workers: 2")
-        sides: dict[int, tuple[Mirror, CountingProxy]] = {}
+        sides: dict[int, tuple[Mirror, SpliceProxy]] = {}
         for count in (1, 2):
             proxy = fleet.proxy(env.upstream.url)
             extra = {"regmirror": {"workers": count}}
