@@ -2,16 +2,20 @@
 
 ::
 
-    skopeo/curl/wrk/ab ─> distribution (proxy mode) ─> SpliceProxy "dist"  ─┐
-    skopeo/curl/wrk/ab ─> nginx proxy_cache         ─> SpliceProxy "nginx" ─┤
-    skopeo/curl/wrk/ab ─> regmirror                 ─> SpliceProxy "rm"    ─┼─> upstream
-    curl               ─────────────────────────────> SpliceProxy "direct" ─┤  (distribution)
-    skopeo/curl        ─────────────────────────────────────────────────────┘  (no proxy)
+    skopeo/curl/wrk/ab ─> distribution (proxy mode) ─> CountedUpstream "dist"  ─┐
+    skopeo/curl/wrk/ab ─> nginx proxy_cache         ─> CountedUpstream "nginx" ─┤ one
+    skopeo/curl/wrk/ab ─> regmirror                 ─> CountedUpstream "rm"    ─┤ storage
+    skopeo/curl        ─────────────────────────────> upstream (direct)        ─┤ directory
+    curl               ─────────────────────────────> SpliceProxy ─> upstream  ─┘
 
-Each path to the upstream has its own counting proxy, so upstream bytes and requests
-are attributable, and each can be capped at a WAN-like rate. The proxies move the
-upstream's bytes with splice(2) (``tests.support.proxy.SpliceProxy``), so they do not
-cap the path; the direct path without any proxy is the ceiling.
+Each side reaches the upstream's content through a registry of its own
+(``tests.support.countedupstream.CountedUpstream``: a docker-registry serving the
+upstream's storage read-only on its own port), counted from that registry's log: no
+proxy in the path, and every upstream byte and request attributable to one side. Where
+a cap is wanted (the capped run of scenario 5) or a scenario starts servers of its own
+(4, 7, 8), the path is a counting proxy instead (``tests.support.proxy.SpliceProxy``,
+splice(2), capped with a token bucket). The direct path, to the upstream itself, is the
+ceiling; through a SpliceProxy it shows what the proxy costs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.certs import CA
+from tests.support.countedupstream import CountedUpstream
 from tests.support.images import Blob, Image, RegistryPusher, sha256_digest
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
@@ -56,17 +61,19 @@ def random_blob(seed: str, size: int, chunk: int = 32 * MiB) -> Blob:
 
 
 Server = UpstreamRegistry | Mirror | NginxCache
+# How a side reaches the upstream, and what counts its traffic.
+UpstreamPath = CountedUpstream | SpliceProxy
 NGINX_WORKERS = 2  # worker_processes of the main nginx (scenario 4 also runs 1)
 
 
 @dataclass
 class Side:
-    """One system under test: its server and the counting proxy it reaches upstream by."""
+    """One system under test: its server and the counted path it reaches upstream by."""
 
     key: str  # "dist", "nginx" or "rm"
     label: str
     server: Server
-    proxy: SpliceProxy
+    upstream: UpstreamPath
 
     @property
     def url(self) -> str:
@@ -119,6 +126,19 @@ class TLSSides:
                 print(f"bench: could not stop {side.label}: {e!r}", flush=True)
 
 
+def _dist_proxy_config(remote: str) -> dict[str, Any]:
+    return {
+        "proxy": {"remoteurl": remote},
+        # No per-request logging on any side (regmirror.access_log: false, nginx
+        # access_log off).
+        "log": {
+            "level": "warn",
+            "accesslog": {"disabled": True},
+            "fields": {"service": "distribution-proxy"},
+        },
+    }
+
+
 @dataclass
 class BenchEnv:
     base_dir: Path
@@ -130,30 +150,23 @@ class BenchEnv:
     dist: Side | None = None
     nginx: Side | None = None
     rm: Side | None = None
-    _proxies: list[SpliceProxy] = field(default_factory=list)
+    _paths: list[UpstreamPath] = field(default_factory=list)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         self.upstream = UpstreamRegistry(self.base_dir / "upstream")
         self.upstream.start()
-        self.direct = self._proxy()
-        dist_proxy = self._proxy()
+        self.direct = SpliceProxy.to_url(self.upstream.url)
+        self._paths.append(self.direct)
+        self.direct.start()
+        dist_proxy = self._path("dist")
         dist = UpstreamRegistry(
-            self.base_dir / "distribution",
-            extra_config={
-                "proxy": {"remoteurl": dist_proxy.url},
-                # No per-request logging on either side (regmirror.access_log: false).
-                "log": {
-                    "level": "warn",
-                    "accesslog": {"disabled": True},
-                    "fields": {"service": "distribution-proxy"},
-                },
-            },
+            self.base_dir / "distribution", extra_config=_dist_proxy_config(dist_proxy.url)
         )
         self.dist = Side("dist", "distribution proxy", dist, dist_proxy)
         dist.start()
-        nginx_proxy = self._proxy()
+        nginx_proxy = self._path("nginx")
         nginx = NginxCache(
             self.base_dir / "nginx",
             nginx_proxy.url,
@@ -162,7 +175,7 @@ class BenchEnv:
         )
         self.nginx = Side("nginx", "nginx", nginx, nginx_proxy)
         nginx.start()
-        rm_proxy = self._proxy()
+        rm_proxy = self._path("rm")
         extra = deep_merge({"regmirror": {"access_log": False}}, self.regmirror_extra)
         mirror = Mirror(
             self.base_dir / "regmirror",
@@ -174,12 +187,14 @@ class BenchEnv:
         self.rm = Side("rm", "regmirror", mirror, rm_proxy)
         mirror.start()
 
-    def _proxy(self) -> SpliceProxy:
+    def _path(self, key: str) -> CountedUpstream:
         assert self.upstream is not None
-        proxy = SpliceProxy.to_url(self.upstream.url)
-        self._proxies.append(proxy)
-        proxy.start()
-        return proxy
+        path = CountedUpstream(
+            self.base_dir / f"upstream-{key}", self.upstream.root, name=f"upstream-{key}"
+        )
+        self._paths.append(path)
+        path.start()
+        return path
 
     def start_tls(self) -> TLSSides:
         """Start a TLS regmirror, a TLS nginx and a TLS distribution proxy, fresh
@@ -196,7 +211,7 @@ class BenchEnv:
         dist = _TLSRegistry(
             base / "distribution",
             extra_config={
-                "proxy": {"remoteurl": self.dist.proxy.url},
+                "proxy": {"remoteurl": self.dist.upstream.url},
                 "http": {"tls": tls},
                 "log": {
                     "level": "warn",
@@ -207,10 +222,10 @@ class BenchEnv:
         )
         dist.ssl_context = context
         dist.start()
-        dist_side = Side("dist", "distribution proxy (TLS)", dist, self.dist.proxy)
+        dist_side = Side("dist", "distribution proxy (TLS)", dist, self.dist.upstream)
         nginx = NginxCache(
             base / "nginx",
-            self.nginx.proxy.url,
+            self.nginx.upstream.url,
             workers=self.nginx_workers,
             tag_valid=self.tag_freshness,
             tls_cert=cert.cert_path,
@@ -222,10 +237,10 @@ class BenchEnv:
         except BaseException:
             dist.stop()
             raise
-        nginx_side = Side("nginx", "nginx (TLS)", nginx, self.nginx.proxy)
+        nginx_side = Side("nginx", "nginx (TLS)", nginx, self.nginx.upstream)
         mirror = Mirror(
             base / "regmirror",
-            self.rm.proxy.url,
+            self.rm.upstream.url,
             tag_freshness=self.tag_freshness,
             log_level="info",
             extra=deep_merge(
@@ -239,7 +254,7 @@ class BenchEnv:
             nginx.stop()
             dist.stop()
             raise
-        rm_side = Side("rm", "regmirror (TLS)", mirror, self.rm.proxy)
+        rm_side = Side("rm", "regmirror (TLS)", mirror, self.rm.upstream)
         return TLSSides(ca_path, dist_side, nginx_side, rm_side)
 
     def stop(self) -> None:
@@ -250,50 +265,72 @@ class BenchEnv:
                     server.stop()
                 except Exception as e:  # stop the rest regardless
                     print(f"bench: could not stop {server}: {e!r}", flush=True)
-        for proxy in self._proxies:
-            proxy.stop()
+        for path in self._paths:
+            try:
+                path.stop()
+            except Exception as e:
+                print(f"bench: could not stop {path}: {e!r}", flush=True)
 
     @property
     def sides(self) -> tuple[Side, Side, Side]:
         assert self.dist is not None and self.nginx is not None and self.rm is not None
         return self.dist, self.nginx, self.rm
 
+    @property
+    def mirror(self) -> Mirror:
+        assert self.rm is not None and isinstance(self.rm.server, Mirror)
+        return self.rm.server
+
     # --- servers started by a scenario, beside the main ones ---------------------------
 
-    def fresh_mirror(self, fleet: Fleet, base: Path, extra: Mapping[str, Any]) -> Side:
-        """A new regmirror with its own store and counting proxy, stopped with ``fleet``:
-        ``--regmirror-config`` applies, what the scenario sets in ``extra`` wins."""
+    def fresh_path(self, fleet: Fleet, rate: float | None = None) -> SpliceProxy:
+        """A counting proxy to the upstream, capped at ``rate`` bytes/s, stopped with
+        ``fleet``: the path of a server a scenario starts itself."""
         assert self.upstream is not None
         proxy = fleet.proxy(self.upstream.url)
+        proxy.set_rate_limit(rate)
+        return proxy
+
+    def fresh_mirror(
+        self,
+        fleet: Fleet,
+        base: Path,
+        extra: Mapping[str, Any],
+        path: UpstreamPath | None = None,
+    ) -> Side:
+        """A new regmirror with its own store and counting path (by default a new
+        proxy), stopped with ``fleet``: ``--regmirror-config`` applies, what the
+        scenario sets in ``extra`` wins."""
+        path = path or self.fresh_path(fleet)
         config = deep_merge({"regmirror": {"access_log": False}}, self.regmirror_extra)
         mirror = Mirror(
             base,
-            proxy.url,
+            path.url,
             tag_freshness=self.tag_freshness,
             log_level="info",
             extra=deep_merge(config, extra),
             ready_timeout=60.0,
         )
         fleet.start(mirror)
-        return Side("rm", "regmirror", mirror, proxy)
+        return Side("rm", "regmirror", mirror, path)
 
-    def fresh_nginx(self, fleet: Fleet, base: Path, workers: int) -> Side:
-        """A new nginx with ``workers`` worker processes, its own cache and proxy."""
-        assert self.upstream is not None
-        proxy = fleet.proxy(self.upstream.url)
-        nginx = NginxCache(base, proxy.url, workers=workers, tag_valid=self.tag_freshness)
+    def fresh_nginx(
+        self, fleet: Fleet, base: Path, workers: int, path: UpstreamPath | None = None
+    ) -> Side:
+        """A new nginx with ``workers`` worker processes, its own cache and path."""
+        path = path or self.fresh_path(fleet)
+        nginx = NginxCache(base, path.url, workers=workers, tag_valid=self.tag_freshness)
         fleet.start(nginx)
-        return Side("nginx", "nginx", nginx, proxy)
+        return Side("nginx", "nginx", nginx, path)
 
-    @property
-    def mirror(self) -> Mirror:
-        assert self.rm is not None and isinstance(self.rm.server, Mirror)
-        return self.rm.server
-
-    def set_rate(self, rate: float | None) -> None:
-        """Cap (bytes/s) or uncap (``None``) every path to the upstream."""
-        for proxy in self._proxies:
-            proxy.set_rate_limit(rate)
+    def fresh_distribution(
+        self, fleet: Fleet, base: Path, path: UpstreamPath | None = None
+    ) -> Side:
+        """A new distribution proxy with its own storage and path."""
+        path = path or self.fresh_path(fleet)
+        dist = UpstreamRegistry(base, extra_config=_dist_proxy_config(path.url))
+        fleet.start(dist)
+        return Side("dist", "distribution proxy", dist, path)
 
     # --- content ---------------------------------------------------------------------
 
@@ -318,7 +355,7 @@ class BenchEnv:
             interval=0.05,
             what=f"{side.label} to store {len(wanted)} blob(s)",
         )
-        wait_quiet(side.proxy, timeout=timeout)
+        wait_quiet(side.upstream, timeout=timeout)
 
     # --- logs ------------------------------------------------------------------------
 
@@ -399,8 +436,13 @@ class Fleet:
                 print(f"bench: could not stop {server}: {e!r}", flush=True)
 
 
-def wait_quiet(proxy: SpliceProxy, quiet: float = 0.5, timeout: float = 120.0) -> None:
-    """Wait until no byte went through ``proxy`` (downstream) for ``quiet`` seconds."""
+def wait_quiet(path: UpstreamPath, quiet: float = 0.5, timeout: float = 120.0) -> None:
+    """Wait until no byte came from the upstream along ``path`` for ``quiet`` seconds
+    (a ``CountedUpstream``: and nothing was in flight)."""
+    if isinstance(path, CountedUpstream):
+        path.wait_quiet(quiet, timeout)
+        return
+    proxy = path
     deadline = time.monotonic() + timeout
     last, since = proxy.bytes_down, time.monotonic()
     while time.monotonic() < deadline:
@@ -414,10 +456,11 @@ def wait_quiet(proxy: SpliceProxy, quiet: float = 0.5, timeout: float = 120.0) -
 
 
 class TransferWatch:
-    """Notes when ``size`` more bytes than at the start have come through ``proxy``:
-    the moment one full copy of a blob has arrived from upstream."""
+    """Notes when ``size`` more bytes than at the start have come along ``proxy``:
+    the moment one full copy of a blob has arrived from upstream (a
+    ``CountedUpstream`` counts a response when it ends: the same moment)."""
 
-    def __init__(self, proxy: SpliceProxy, size: int, interval: float = 0.005) -> None:
+    def __init__(self, proxy: UpstreamPath, size: int, interval: float = 0.005) -> None:
         self.proxy = proxy
         self.size = size
         self.interval = interval

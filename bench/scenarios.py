@@ -94,9 +94,9 @@ class Params:
             quick=False,
             layer_size=50 * MiB,
             layers=4,
-            pull_repeats=5,
+            pull_repeats=3,
             blob_size=256 * MiB,
-            cold_blob_runs=5,
+            cold_blob_runs=3,
             cached_blob_runs=5,
             load_duration=load_duration,
             clients=32,
@@ -251,7 +251,7 @@ def cold_pull(ctx: Context) -> None:
             direct_times.append(t)
             ctx.log(f"  direct {t:.2f} s")
         for side in ctx.order(r):
-            before = side.proxy.bytes_down
+            before = side.upstream.bytes_down
 
             def pull(side: Side = side) -> float:
                 seconds = _pull(ctx, side.host, image)  # noqa: B023
@@ -261,7 +261,7 @@ def cold_pull(ctx: Context) -> None:
             t = ctx.attempt(side, "cold pull", pull)
             if t is not None:
                 times[side.key].append(t)
-                copies[side.key].append((side.proxy.bytes_down - before) / size)
+                copies[side.key].append((side.upstream.bytes_down - before) / size)
                 ctx.log(f"  {side.label} {t:.2f} s, {copies[side.key][-1]:.2f}x image upstream")
         ctx.pulled.append(image)
     direct = _med(direct_times)
@@ -322,11 +322,11 @@ def warm_pull(ctx: Context) -> None:
     upstream_requests = per_side()
     for i, image in enumerate(images):
         for side in ctx.order(i):
-            before = side.proxy.count_requests()
+            before = side.upstream.count_requests()
             t = ctx.attempt(side, "warm pull", lambda s=side: _pull(ctx, s.host, image))  # noqa: B023
             if t is not None:
                 times[side.key].append(t)
-                upstream_requests[side.key].append(side.proxy.count_requests() - before)
+                upstream_requests[side.key].append(side.upstream.count_requests() - before)
                 ctx.log(f"2 warm pull: {side.label} {t:.2f} s")
     scenario = f"2 warm pull, {_mib(_image_bytes(images[0]))}"
     ctx.rows.append(peer_row(scenario, f"wall time, median of {len(images)}", medians(times), "s"))
@@ -363,7 +363,7 @@ def blob_get(ctx: Context) -> None:
         del blob
         first = first or (digest, size)
         for side in ctx.order(i):
-            before = side.proxy.bytes_down
+            before = side.upstream.bytes_down
 
             def get(side: Side = side) -> CurlResult:
                 result = curl_get(side.blob_url(BLOB_REPO, digest), expect_size=size)  # noqa: B023
@@ -373,7 +373,7 @@ def blob_get(ctx: Context) -> None:
             result = ctx.attempt(side, "cold blob GET", get)
             if result is not None:
                 cold[side.key].append(result.speed / MiB)
-                copies[side.key].append((side.proxy.bytes_down - before) / size)
+                copies[side.key].append((side.upstream.bytes_down - before) / size)
                 ctx.log(f"  {side.label} {result.speed / MiB:.1f} MiB/s")
         paths = ((direct, env.upstream.url, "no proxy"), (proxied, env.direct.url, "proxied"))
         for speeds, base, what in paths if i % 2 == 0 else paths[::-1]:
@@ -581,8 +581,8 @@ def _manifest_load(ctx: Context, image: Image, procs: int, sides: Sequence[Side]
     wrk_results: dict[str, LoadResult] = {}
     wrk_upstream: dict[str, float | None] = {}
     for side in ctx.order(procs, sides):
-        wait_quiet(side.proxy, quiet=0.2)
-        before = side.proxy.count_requests()
+        wait_quiet(side.upstream, quiet=0.2)
+        before = side.upstream.count_requests()
         url = f"{side.url}/v2/{image.name}/manifests/{image.digest}"
         ctx.log(f"4 manifest GET by digest, {what}: wrk {duration:g} s on {side.label}")
         res = ctx.attempt(
@@ -592,13 +592,13 @@ def _manifest_load(ctx: Context, image: Image, procs: int, sides: Sequence[Side]
         )
         if res is not None:
             wrk_results[side.key] = res
-            wrk_upstream[side.key] = side.proxy.count_requests() - before
+            wrk_upstream[side.key] = side.upstream.count_requests() - before
             ctx.log(f"  {res.rps:,.0f} requests/s, {res.errors} errors")
     ab_results: dict[str, LoadResult] = {}
     ab_upstream: dict[str, float | None] = {}
     for side in ctx.order(procs + 1, sides):
-        wait_quiet(side.proxy, quiet=0.2)
-        before = side.proxy.count_requests()
+        wait_quiet(side.upstream, quiet=0.2)
+        before = side.upstream.count_requests()
         url = f"{side.url}/v2/{image.name}/manifests/{image.tag}"
         ctx.log(f"4 manifest HEAD by tag, {what}: ab {duration:g} s on {side.label}")
         res2 = ctx.attempt(
@@ -608,7 +608,7 @@ def _manifest_load(ctx: Context, image: Image, procs: int, sides: Sequence[Side]
         )
         if res2 is not None:
             ab_results[side.key] = res2
-            ab_upstream[side.key] = side.proxy.count_requests() - before
+            ab_upstream[side.key] = side.upstream.count_requests() - before
             ctx.log(f"  {res2.rps:,.0f} requests/s, {res2.errors} errors")
 
     def rps(results: dict[str, LoadResult]) -> dict[str, float | None]:
@@ -728,6 +728,19 @@ class _FanOut:
     first_copy: float | None  # s from the release of the clients to one full upstream copy
 
 
+def _capped_sides(ctx: Context, fleet: Fleet, cap: float) -> list[Side]:
+    """Fresh servers of the three, each reaching the upstream through its own
+    counting proxy capped at ``cap`` bytes/s (the main ones have no proxy to cap)."""
+    env = ctx.env
+    base = ctx.tmp / "capped"
+    ctx.log(f"5: starting the three behind proxies capped at {cap / MiB:g} MiB/s")
+    return [
+        env.fresh_distribution(fleet, base / "distribution", env.fresh_path(fleet, cap)),
+        env.fresh_nginx(fleet, base / "nginx", env.nginx_workers, env.fresh_path(fleet, cap)),
+        env.fresh_mirror(fleet, base / "regmirror", {}, env.fresh_path(fleet, cap)),
+    ]
+
+
 def concurrent_cold(ctx: Context) -> None:
     """5: 32 clients GET the same cold blob at once, uncapped and capped upstream."""
     env, p = ctx.env, ctx.params
@@ -739,16 +752,25 @@ def concurrent_cold(ctx: Context) -> None:
         env.push_blob(blob)
         digest, hex_ = blob.digest, blob.hex
         del blob
-        env.set_rate(cap)
         runs: dict[str, _FanOut] = {}
+        fleet = Fleet()
         try:
-            for side in ctx.order(0 if cap is None else 1):
+            if cap is None:
+                sides: Sequence[Side] = env.sides
+            else:
+                started = ctx.attempt(
+                    "capped", "start the servers", lambda c=cap, f=fleet: _capped_sides(ctx, f, c)
+                )
+                if started is None:
+                    continue
+                sides = started
+            for side in ctx.order(0 if cap is None else 1, sides):
                 ctx.log(f"5 {n} clients, cold {_mib(size)} blob, {label}: {side.label}")
-                before_bytes = side.proxy.bytes_down
-                before_gets = side.proxy.count_requests("GET", digest)
+                before_bytes = side.upstream.bytes_down
+                before_gets = side.upstream.count_requests("GET", digest)
                 assert side.pid is not None
                 url = side.blob_url(BLOB_REPO, digest)
-                with RssMonitor(side.pid) as monitor, TransferWatch(side.proxy, size) as watch:
+                with RssMonitor(side.pid) as monitor, TransferWatch(side.upstream, size) as watch:
                     res = ctx.attempt(
                         side,
                         f"{n} concurrent cold GETs ({label})",
@@ -762,8 +784,8 @@ def concurrent_cold(ctx: Context) -> None:
                 ctx.attempt(side, "store blob", lambda s=side: env.wait_stored(s, [digest]))  # noqa: B023
                 run = _FanOut(
                     res,
-                    (side.proxy.bytes_down - before_bytes) / size,
-                    side.proxy.count_requests("GET", digest) - before_gets,
+                    (side.upstream.bytes_down - before_bytes) / size,
+                    side.upstream.count_requests("GET", digest) - before_gets,
                     watch.done_at - res.started if watch.done_at is not None else None,
                 )
                 runs[side.key] = run
@@ -774,7 +796,7 @@ def concurrent_cold(ctx: Context) -> None:
                     f"{run.first_copy or 0:.2f} s, {len(res.errors)} errors"
                 )
         finally:
-            env.set_rate(None)
+            fleet.stop()
         _concurrent_rows(ctx, label, cap, size, hex_, runs)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import PEERS, Row, Target, all_of, render_markdown, rm_at_least
+from tests.support.countedupstream import CountedUpstream
 from tests.support.images import ACCEPT_MANIFESTS, Image, make_blob, push_blob
 from tests.support.nginx import NginxCache
 from tests.support.ports import free_port
@@ -100,6 +101,60 @@ def test_splice_proxy_refused_upstream_closes_client_upstream_directly() -> None
         with pytest.raises((ConnectionError, OSError)):
             request(proxy.url, "GET", "/v2/", timeout=5)
         poll_until(lambda: proxy.failed_connects == 1, 5, what="a failed upstream connect")
+
+
+# --- CountedUpstream ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted(upstream: UpstreamRegistry, tmp_path: Path) -> Iterator[CountedUpstream]:
+    with CountedUpstream(tmp_path / "counted", upstream.root) as path:
+        yield path
+
+
+def test_counted_upstream_counts_what_a_pull_fetched_upstream_directly(
+    counted: CountedUpstream, images: dict[str, Image], tmp_path: Path
+) -> None:
+    image = images["index"]
+    skopeo_copy(image.ref(counted.host), tmp_path / "d", all_platforms=True)
+    verify_dir(tmp_path / "d", image)
+    counted.wait_quiet(quiet=0.2, timeout=30)
+    for blob in image.blobs():
+        assert counted.count_requests("GET", f"/blobs/{blob.digest}") == 1
+    for child in image.manifest.children:
+        assert counted.count_requests("GET", f"/manifests/{child.digest}") == 1
+    blobs = sum(b.size for b in image.blobs())
+    manifests = sum(m.size for m in image.manifests())
+    # Body bytes only: the blobs, the manifests, small JSON answers (/v2/, errors).
+    assert blobs + manifests <= counted.bytes_down < blobs + manifests + 2_000
+
+
+def test_counted_upstream_sees_a_transfer_in_flight_upstream_directly(
+    counted: CountedUpstream, upstream: UpstreamRegistry
+) -> None:
+    blob = make_blob("harness/counted-flight", 48_000_000)
+    push_blob(upstream.url, "harness/counted", blob)
+    before = counted.bytes_down
+    conn = connect(counted.url, timeout=30)
+    conn.request("GET", f"/v2/harness/counted/blobs/{blob.digest}")
+    resp = conn.getresponse()
+    first = resp.read(1000)  # the rest waits in socket buffers: the registry is mid-write
+    assert counted.in_flight() == 1
+    assert counted.bytes_down == before  # counted when the response ends
+    body = first + resp.read()
+    conn.close()
+    assert hashlib.sha256(body).hexdigest() == blob.hex
+    counted.wait_quiet(quiet=0.2, timeout=30)
+    assert counted.in_flight() == 0
+    assert counted.bytes_down - before == blob.size
+    assert counted.count_requests("GET", blob.digest) == 1
+
+
+def test_counted_upstream_refuses_writes_to_the_shared_storage_upstream_directly(
+    counted: CountedUpstream,
+) -> None:
+    resp = request(counted.url, "POST", "/v2/harness/counted/blobs/uploads/")
+    assert resp.status == 405  # maintenance.readonly: nothing is written there
 
 
 # --- nginx proxy_cache ---------------------------------------------------------------------
