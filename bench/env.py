@@ -6,7 +6,8 @@
     skopeo/curl/wrk/ab ─> nginx proxy_cache         ─> CountedUpstream "nginx" ─┤ one
     skopeo/curl/wrk/ab ─> regmirror                 ─> CountedUpstream "rm"    ─┤ storage
     skopeo/curl        ─────────────────────────────> upstream (direct)        ─┤ directory
-    curl               ─────────────────────────────> SpliceProxy ─> upstream  ─┘
+    curl               ─────────────────────────────> SpliceProxy ─> upstream  ─┤
+    curl               ───────────────────────────> CountingProxy ─> upstream  ─┘
 
 Each side reaches the upstream's content through a registry of its own
 (``tests.support.countedupstream.CountedUpstream``: a docker-registry serving the
@@ -15,7 +16,8 @@ proxy in the path, and every upstream byte and request attributable to one side.
 a cap is wanted (the capped run of scenario 5) or a scenario starts servers of its own
 (4, 7, 8), the path is a counting proxy instead (``tests.support.proxy.SpliceProxy``,
 splice(2), capped with a token bucket). The direct path, to the upstream itself, is the
-ceiling; through a SpliceProxy it shows what the proxy costs.
+ceiling; through a SpliceProxy and through the asyncio CountingProxy (every side's path
+before) it shows what a proxy in the path costs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
 from tests.support.nginx import NginxCache
 from tests.support.process import descendants
-from tests.support.proxy import SpliceProxy
+from tests.support.proxy import CountingProxy, SpliceProxy
 from tests.support.upstream import UpstreamRegistry
 from tests.support.wait import poll_until
 
@@ -147,6 +149,8 @@ class BenchEnv:
     nginx_workers: int = NGINX_WORKERS
     upstream: UpstreamRegistry | None = None
     direct: SpliceProxy | None = None
+    # The asyncio proxy every side went through before (scenario 3 shows its cost).
+    direct_old: CountingProxy | None = None
     dist: Side | None = None
     nginx: Side | None = None
     rm: Side | None = None
@@ -160,6 +164,8 @@ class BenchEnv:
         self.direct = SpliceProxy.to_url(self.upstream.url)
         self._paths.append(self.direct)
         self.direct.start()
+        self.direct_old = CountingProxy.to_url(self.upstream.url)
+        self.direct_old.start()
         dist_proxy = self._path("dist")
         dist = UpstreamRegistry(
             self.base_dir / "distribution", extra_config=_dist_proxy_config(dist_proxy.url)
@@ -265,6 +271,8 @@ class BenchEnv:
                     server.stop()
                 except Exception as e:  # stop the rest regardless
                     print(f"bench: could not stop {server}: {e!r}", flush=True)
+        if self.direct_old is not None:
+            self.direct_old.stop()
         for path in self._paths:
             try:
                 path.stop()

@@ -346,14 +346,16 @@ def warm_pull(ctx: Context) -> None:
 
 def blob_get(ctx: Context) -> None:
     """3: GET of one 256 MiB blob, cold (a new blob per run) and cached; curl's speed.
-    The direct GET from the upstream, with no proxy (the ceiling) and through a
-    counting proxy like the sides' (what the proxy costs)."""
+    The direct GET from the upstream: with no proxy (the ceiling), through a
+    SpliceProxy and through the asyncio CountingProxy that every side's path went
+    through before (what a proxy in the path costs)."""
     env, p = ctx.env, ctx.params
     cold = per_side()
     copies = per_side()
     direct: list[float] = []
     proxied: list[float] = []
-    assert env.direct is not None and env.upstream is not None
+    old: list[float] = []
+    assert env.direct is not None and env.direct_old is not None and env.upstream is not None
     first = None
     for i in range(p.cold_blob_runs):
         blob = random_blob(f"bench/blob/{i}", p.blob_size)
@@ -375,8 +377,12 @@ def blob_get(ctx: Context) -> None:
                 cold[side.key].append(result.speed / MiB)
                 copies[side.key].append((side.upstream.bytes_down - before) / size)
                 ctx.log(f"  {side.label} {result.speed / MiB:.1f} MiB/s")
-        paths = ((direct, env.upstream.url, "no proxy"), (proxied, env.direct.url, "proxied"))
-        for speeds, base, what in paths if i % 2 == 0 else paths[::-1]:
+        paths = [
+            (direct, env.upstream.url, "no proxy"),
+            (proxied, env.direct.url, "SpliceProxy"),
+            (old, env.direct_old.url, "CountingProxy (before)"),
+        ]
+        for speeds, base, what in paths[i % 3 :] + paths[: i % 3]:
             url = f"{base}/v2/{BLOB_REPO}/blobs/{digest}"
             result = ctx.attempt(
                 "direct",
@@ -402,11 +408,20 @@ def blob_get(ctx: Context) -> None:
     scenario = f"3 one {_mib(size)} blob, curl"
     ceiling = format_value(_med(direct), "MiB/s", 1)
     through = format_value(_med(proxied), "MiB/s", 1)
+    before = format_value(_med(old), "MiB/s", 1)
     ctx.rows.append(
         peer_row(
             scenario,
-            f"cold GET, MiB/s (median of {p.cold_blob_runs}, a new blob each; direct from "
-            f"upstream: {ceiling} without a proxy, {through} through a counting proxy)",
+            f"direct GET from the upstream, median: {ceiling} without a proxy (the "
+            f"ceiling); {through} through a SpliceProxy; {before} through the asyncio "
+            "CountingProxy (every side's path before)",
+            {},
+        )
+    )
+    ctx.rows.append(
+        peer_row(
+            scenario,
+            f"cold GET, MiB/s (median of {p.cold_blob_runs}, a new blob each)",
             medians(cold),
             "MiB/s",
             digits=1,
