@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from bench.env import BenchEnv, MiB, tree_rss_kib
+from bench.profile import py_spy_path
 from bench.report import render_markdown, render_text
 from bench.scale import SCALE_SCENARIOS
 from bench.scenarios import MB, Context, Params, rss_rows
@@ -140,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the stores and logs (the path is printed)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="write py-spy flame graphs of regmirror during its measured runs to DIR "
+        "(profiled numbers are slower: not the ones to report)",
     )
     return parser
 
@@ -262,7 +270,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="regmirror-bench-", dir=args.tmp_dir))
     env = BenchEnv(tmp / "servers", regmirror_extra=overrides)
-    ctx = Context(env, params, tmp)
+    ctx = Context(env, params, tmp, profile_dir=args.profile)
     problems: list[str] = []
     dist_problems: list[str] = []
     nginx_problems: list[str] = []
@@ -415,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_config_overrides(args.regmirror_config)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
+    if args.profile is not None and py_spy_path() is None:
+        parser.error("--profile needs py-spy (pip install py-spy into the venv)")
     missing = missing_tools()
     if missing:
         packages = " ".join(sorted(set(missing.values())))

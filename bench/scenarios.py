@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -50,6 +51,7 @@ from bench.env import (
     random_blob,
     wait_quiet,
 )
+from bench.profile import profile_name, py_spy_record
 from bench.report import (
     Row,
     Target,
@@ -135,6 +137,8 @@ class Context:
     pulled: list[Image] = field(default_factory=list)
     # A blob stored in both caches: (digest, size).
     cached_blob: tuple[str, int] | None = None
+    # --profile: where py-spy flame graphs of regmirror's measured runs go.
+    profile_dir: Path | None = None
     # Peak RSS (MB) per phase, per side key: of the whole process tree, and of its
     # largest single process (a worker).
     rss: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -154,6 +158,18 @@ class Context:
             self.log("FAILED " + message)
             traceback.print_exc(file=sys.stderr)
             return None
+
+    @contextmanager
+    def profiled(self, side: Side, *what: object) -> Iterator[None]:
+        """With ``--profile``: a py-spy flame graph of regmirror (only) while the block
+        runs, in ``profile_dir/<what>.svg``; otherwise nothing."""
+        if self.profile_dir is None or side.key != "rm" or side.pid is None:
+            yield
+            return
+        out = self.profile_dir / f"{profile_name(*what)}.svg"
+        with py_spy_record(side.pid, out):
+            yield
+        self.log(f"  profile: {out}")
 
     def order(self, i: int, sides: Sequence[Side] | None = None) -> Sequence[Side]:
         """The sides (by default the three main ones), rotated by ``i``."""
@@ -367,8 +383,9 @@ def blob_get(ctx: Context) -> None:
         for side in ctx.order(i):
             before = side.upstream.bytes_down
 
-            def get(side: Side = side) -> CurlResult:
-                result = curl_get(side.blob_url(BLOB_REPO, digest), expect_size=size)  # noqa: B023
+            def get(side: Side = side, i: int = i) -> CurlResult:
+                with ctx.profiled(side, "3 cold blob get", i + 1):
+                    result = curl_get(side.blob_url(BLOB_REPO, digest), expect_size=size)  # noqa: B023
                 env.wait_stored(side, [digest])  # noqa: B023
                 return result
 
@@ -399,9 +416,10 @@ def blob_get(ctx: Context) -> None:
     for j in range(p.cached_blob_runs):
         for side in ctx.order(j):
             url = side.blob_url(BLOB_REPO, digest)
-            result = ctx.attempt(
-                side, "cached blob GET", lambda u=url: curl_get(u, expect_size=size)
-            )
+            with ctx.profiled(side, "3 cached blob get", j + 1):
+                result = ctx.attempt(
+                    side, "cached blob GET", lambda u=url: curl_get(u, expect_size=size)
+                )
             if result is not None:
                 cached[side.key].append(result.speed / MiB)
         ctx.log(f"3 cached blob GET {j + 1}/{p.cached_blob_runs}")
@@ -600,11 +618,12 @@ def _manifest_load(ctx: Context, image: Image, procs: int, sides: Sequence[Side]
         before = side.upstream.count_requests()
         url = f"{side.url}/v2/{image.name}/manifests/{image.digest}"
         ctx.log(f"4 manifest GET by digest, {what}: wrk {duration:g} s on {side.label}")
-        res = ctx.attempt(
-            side,
-            "wrk GET manifest by digest",
-            lambda u=url: run_wrk(u, duration=duration, headers=accept),
-        )
+        with ctx.profiled(side, "4 manifest get by digest", what):
+            res = ctx.attempt(
+                side,
+                "wrk GET manifest by digest",
+                lambda u=url: run_wrk(u, duration=duration, headers=accept),
+            )
         if res is not None:
             wrk_results[side.key] = res
             wrk_upstream[side.key] = side.upstream.count_requests() - before
@@ -616,11 +635,12 @@ def _manifest_load(ctx: Context, image: Image, procs: int, sides: Sequence[Side]
         before = side.upstream.count_requests()
         url = f"{side.url}/v2/{image.name}/manifests/{image.tag}"
         ctx.log(f"4 manifest HEAD by tag, {what}: ab {duration:g} s on {side.label}")
-        res2 = ctx.attempt(
-            side,
-            "ab HEAD manifest by tag",
-            lambda u=url: run_ab_head(u, duration=duration, headers=accept),
-        )
+        with ctx.profiled(side, "4 manifest head by tag", what):
+            res2 = ctx.attempt(
+                side,
+                "ab HEAD manifest by tag",
+                lambda u=url: run_ab_head(u, duration=duration, headers=accept),
+            )
         if res2 is not None:
             ab_results[side.key] = res2
             ab_upstream[side.key] = side.upstream.count_requests() - before
@@ -785,7 +805,11 @@ def concurrent_cold(ctx: Context) -> None:
                 before_gets = side.upstream.count_requests("GET", digest)
                 assert side.pid is not None
                 url = side.blob_url(BLOB_REPO, digest)
-                with RssMonitor(side.pid) as monitor, TransferWatch(side.upstream, size) as watch:
+                with (
+                    RssMonitor(side.pid) as monitor,
+                    TransferWatch(side.upstream, size) as watch,
+                    ctx.profiled(side, "5 fan out", label),
+                ):
                     res = ctx.attempt(
                         side,
                         f"{n} concurrent cold GETs ({label})",
@@ -931,7 +955,7 @@ def rss(ctx: Context) -> None:
         assert side.pid is not None
         ctx.log(f"6 {n} x {_mib(size)} cached downloads: {side.label}")
         url = side.blob_url(BLOB_REPO, digest)
-        with RssMonitor(side.pid) as monitor:
+        with RssMonitor(side.pid) as monitor, ctx.profiled(side, "6 cached downloads"):
             res = ctx.attempt(
                 side,
                 f"{n} concurrent cached GETs",
