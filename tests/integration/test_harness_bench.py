@@ -294,3 +294,34 @@ def test_report_gives_ratios_against_both_peers_and_checks_the_named_one() -> No
     text = render_markdown([met, pair])
     assert "| " + " | ".join(["scenario", "metric", *PEERS, "target"]) + " |" in text
     assert "| scenario | metric | workers: 1 | workers: 2 | 2/1 | target |" in text
+
+
+# --- the benchmark's world ---------------------------------------------------------------
+
+
+def test_bench_env_counts_each_sides_upstream_traffic_on_its_own(
+    tmp_path: Path, integration_tools: dict[str, str]
+) -> None:
+    from bench.env import BenchEnv, random_blob
+
+    env = BenchEnv(tmp_path / "servers")
+    try:
+        env.start()
+        blob = random_blob("harness/bench-env", 3_000_000)
+        env.push_blob(blob)
+        for side in env.sides:
+            before = {s.key: s.upstream.bytes_down for s in env.sides}
+            for _ in range(2):  # cold, then (once stored) cached
+                resp = request(side.url, "GET", f"/v2/bench/blobs/blobs/{blob.digest}")
+                assert resp.status == 200 and resp.body == blob.data, side.label
+                env.wait_stored(side, [blob.digest], timeout=60)
+            copies = (side.upstream.bytes_down - before[side.key]) / blob.size
+            # distribution stores a proxied blob with a second fetch of its own; the
+            # rest is small JSON (a /v2/ check: a few bytes).
+            assert round(copies, 3) == (2.0 if side.key == "dist" else 1.0), side.label
+            for other in env.sides:
+                if other is not side:
+                    assert other.upstream.bytes_down == before[other.key], other.label
+    finally:
+        env.stop()
+    assert not any(s.server.running for s in (env.dist, env.nginx, env.rm) if s is not None)
