@@ -12,16 +12,17 @@
 Each side reaches the upstream's content through a registry of its own
 (``tests.support.countedupstream.CountedUpstream``: a docker-registry serving the
 upstream's storage read-only on its own port), counted from that registry's log: no
-proxy in the path, and every upstream byte and request attributable to one side. Where
-a cap is wanted (the capped run of scenario 5) or a scenario starts servers of its own
-(4, 7, 8), the path is a counting proxy instead (``tests.support.proxy.SpliceProxy``,
-splice(2), capped with a token bucket). The direct path, to the upstream itself, is the
-ceiling; through a SpliceProxy and through the asyncio CountingProxy (every side's path
-before) it shows what a proxy in the path costs.
+proxy in the path, and every upstream byte and request attributable to one side; so
+do the servers scenarios start themselves (4, 5, 7, 8: ``fresh_path``). Where a cap is
+wanted (the capped run of scenario 5), the path is a counting proxy instead
+(``tests.support.proxy.SpliceProxy``, splice(2), capped with a token bucket). The
+direct path, to the upstream itself, is the ceiling; through a SpliceProxy and through
+the asyncio CountingProxy (every side's path before) it shows what a proxy costs.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -44,6 +45,7 @@ from tests.support.wait import poll_until
 
 MiB = 1024 * 1024
 BLOB_REPO = "bench/blobs"
+_DOORS = itertools.count(1)  # numbers the doors of servers that scenarios start
 
 
 def random_blob(seed: str, size: int, chunk: int = 32 * MiB) -> Blob:
@@ -166,31 +168,31 @@ class BenchEnv:
         self.direct.start()
         self.direct_old = CountingProxy.to_url(self.upstream.url)
         self.direct_old.start()
-        dist_proxy = self._path("dist")
+        dist_path = self._path("dist")
         dist = UpstreamRegistry(
-            self.base_dir / "distribution", extra_config=_dist_proxy_config(dist_proxy.url)
+            self.base_dir / "distribution", extra_config=_dist_proxy_config(dist_path.url)
         )
-        self.dist = Side("dist", "distribution proxy", dist, dist_proxy)
+        self.dist = Side("dist", "distribution proxy", dist, dist_path)
         dist.start()
-        nginx_proxy = self._path("nginx")
+        nginx_path = self._path("nginx")
         nginx = NginxCache(
             self.base_dir / "nginx",
-            nginx_proxy.url,
+            nginx_path.url,
             workers=self.nginx_workers,
             tag_valid=self.tag_freshness,
         )
-        self.nginx = Side("nginx", "nginx", nginx, nginx_proxy)
+        self.nginx = Side("nginx", "nginx", nginx, nginx_path)
         nginx.start()
-        rm_proxy = self._path("rm")
+        rm_path = self._path("rm")
         extra = deep_merge({"regmirror": {"access_log": False}}, self.regmirror_extra)
         mirror = Mirror(
             self.base_dir / "regmirror",
-            rm_proxy.url,
+            rm_path.url,
             tag_freshness=self.tag_freshness,
             log_level="info",
             extra=extra,
         )
-        self.rm = Side("rm", "regmirror", mirror, rm_proxy)
+        self.rm = Side("rm", "regmirror", mirror, rm_path)
         mirror.start()
 
     def _path(self, key: str) -> CountedUpstream:
@@ -291,10 +293,18 @@ class BenchEnv:
 
     # --- servers started by a scenario, beside the main ones ---------------------------
 
-    def fresh_path(self, fleet: Fleet, rate: float | None = None) -> SpliceProxy:
-        """A counting proxy to the upstream, capped at ``rate`` bytes/s, stopped with
-        ``fleet``: the path of a server a scenario starts itself."""
+    def fresh_path(self, fleet: Fleet, rate: float | None = None) -> UpstreamPath:
+        """The counted way to the upstream of a server a scenario starts itself,
+        stopped with ``fleet``: a door of its own (no proxy in the path), or with
+        ``rate`` (bytes/s) a counting proxy capped at that rate."""
         assert self.upstream is not None
+        if rate is None:
+            n = next(_DOORS)
+            door = CountedUpstream(
+                self.base_dir / f"door-{n}", self.upstream.root, name=f"door-{n}"
+            )
+            fleet.start(door)
+            return door
         proxy = fleet.proxy(self.upstream.url)
         proxy.set_rate_limit(rate)
         return proxy
