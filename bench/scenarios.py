@@ -1,12 +1,15 @@
 """The scenarios: one function each, measuring the distribution registry (proxy mode),
 nginx ``proxy_cache`` and regmirror in the same run, appending ``Row``s to the context.
 
-A scenario function receives the ``Context``: ``ctx.env`` (the running servers: the
-upstream, the three sides and their counting proxies, ``fresh_mirror`` /
-``fresh_nginx`` for servers of its own), ``ctx.params`` (sizes and durations, quick or
-full), ``ctx.tmp`` (a scratch directory removed at the end), and appends to
-``ctx.rows`` (the table), ``ctx.notes`` (lines printed under it), ``ctx.failures``
-(a failed measurement: exit status 1; ``ctx.attempt`` records one and goes on) and
+A scenario function ``fn(ctx: Context) -> None`` receives the ``Context``: ``ctx.env``
+(the running servers: the upstream, the three ``Side``s ``dist`` / ``nginx`` / ``rm``
+with their counted ``upstream`` paths; ``fresh_mirror`` / ``fresh_nginx`` /
+``fresh_distribution`` / ``fresh_path`` start servers of its own into a ``Fleet`` it
+stops), ``ctx.params`` (sizes and durations, quick or full), ``ctx.tmp`` (a scratch
+directory removed at the end), ``ctx.profiled(side, ...)`` (a py-spy profile of
+regmirror with ``--profile``), and appends to ``ctx.rows`` (the table; ``peer_row``
+for the three columns), ``ctx.notes`` (lines printed under it), ``ctx.failures`` (a
+failed measurement: exit status 1; ``ctx.attempt`` records one and goes on) and
 ``ctx.rss`` / ``ctx.rss_process`` (peaks for the RSS rows). ``ctx.log`` prints progress.
 
 Measurements rotate the order of the sides from one repetition to the next, so that
