@@ -265,11 +265,16 @@ def cold_pull(ctx: Context) -> None:
         ctx.log(f"1 cold pull {r + 1}/{p.pull_repeats}: pushing {_mib(size)} image")
         env.push_image(image)
         direct_host = env.upstream.host
-        t = ctx.attempt("direct", "pull", lambda: _pull(ctx, direct_host, image))  # noqa: B023
-        if t is not None:
-            direct_times.append(t)
-            ctx.log(f"  direct {t:.2f} s")
-        for side in ctx.order(r):
+        # The direct pull takes its turn in the rotation too (None: direct).
+        turns: list[Side | None] = [None, *env.sides]
+        k = r % len(turns)
+        for side in turns[k:] + turns[:k]:
+            if side is None:
+                t = ctx.attempt("direct", "pull", lambda: _pull(ctx, direct_host, image))  # noqa: B023
+                if t is not None:
+                    direct_times.append(t)
+                    ctx.log(f"  direct {t:.2f} s")
+                continue
             before = side.upstream.bytes_down
 
             def pull(side: Side = side) -> float:
