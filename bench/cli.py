@@ -22,13 +22,14 @@ from typing import Any
 
 import yaml
 
-from bench.env import BenchEnv, MiB, _status_kib
+from bench.env import BenchEnv, MiB, tree_rss_kib
+from bench.profile import py_spy_path
 from bench.report import render_markdown, render_text
 from bench.scale import SCALE_SCENARIOS
 from bench.scenarios import MB, Context, Params, rss_rows
 from bench.scenarios import SCENARIOS as BASE_SCENARIOS
 
-SCENARIOS = {**BASE_SCENARIOS, **SCALE_SCENARIOS}
+SCENARIOS = dict(sorted({**BASE_SCENARIOS, **SCALE_SCENARIOS}.items(), key=lambda kv: int(kv[0])))
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks.md"
 
@@ -41,11 +42,18 @@ TOOLS = {
     "curl": "curl",
     "sha256sum": "coreutils",
     "redis-server": "redis-server",
+    "nginx": "nginx",
 }
+# Where Debian installs a program that a user's PATH may lack.
+SBIN = {"nginx": "/usr/sbin/nginx"}
 
 
 def missing_tools() -> dict[str, str]:
-    return {tool: pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None}
+    return {
+        tool: pkg
+        for tool, pkg in TOOLS.items()
+        if shutil.which(tool) is None and not (tool in SBIN and os.access(SBIN[tool], os.X_OK))
+    }
 
 
 def parse_config_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -84,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     scenarios = "; ".join(f"{k} {n}" for k, (n, _) in SCENARIOS.items())
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark regmirror beside the distribution registry in proxy mode, "
-        "both in front of the same upstream on loopback, in one run. See bench/README.md.",
+        description="Benchmark regmirror beside the distribution registry in proxy mode "
+        "and nginx proxy_cache, all in front of the same upstream on loopback, in one run. "
+        "See bench/README.md.",
     )
     parser.add_argument(
         "--quick",
@@ -132,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the stores and logs (the path is printed)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="write py-spy flame graphs of regmirror during its measured runs to DIR "
+        "(profiled numbers are slower: not the ones to report)",
     )
     return parser
 
@@ -214,6 +230,9 @@ def versions() -> dict[str, str]:
         "curl": tool_version(["curl", "--version"], r"^curl (\S+)"),
         "wrk": tool_version(["wrk", "-v"], r"^wrk (\S+)"),
         "ab": tool_version(["ab", "-V"], r"Version (\S+)"),
+        "nginx": tool_version(
+            [SBIN["nginx"] if os.access(SBIN["nginx"], os.X_OK) else "nginx", "-v"], r"nginx/(\S+)"
+        ),
     }
 
 
@@ -251,19 +270,20 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="regmirror-bench-", dir=args.tmp_dir))
     env = BenchEnv(tmp / "servers", regmirror_extra=overrides)
-    ctx = Context(env, params, tmp)
+    ctx = Context(env, params, tmp, profile_dir=args.profile)
     problems: list[str] = []
     dist_problems: list[str] = []
+    nginx_problems: list[str] = []
     interrupted: int | None = None
     try:
-        ctx.log(f"starting upstream, distribution proxy and regmirror under {tmp}")
+        ctx.log(f"starting upstream, distribution proxy, nginx and regmirror under {tmp}")
         env.start()
         time.sleep(0.5)
         for side in env.sides:
             assert side.pid is not None
-            kib = _status_kib(side.pid, "VmRSS")
-            if kib is not None:
-                ctx.rss.setdefault("idle", {})[side.key] = kib * 1024 / MB
+            total, largest = tree_rss_kib(side.pid)
+            ctx.rss.setdefault("idle", {})[side.key] = total * 1024 / MB
+            ctx.rss_process.setdefault("idle", {})[side.key] = largest * 1024 / MB
         for key in selected:
             name, fn = SCENARIOS[key]
             ctx.log(f"scenario {key} ({name})")
@@ -284,6 +304,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 problems = env.regmirror_problems()
             if env.dist is not None:
                 dist_problems = env.distribution_problems()
+            if env.nginx is not None:
+                nginx_problems = env.nginx_problems()
         except Exception as e:
             problems.append(f"(could not read the logs: {e!r})")
         if env.rm is not None and env.rm.server.running is False and env.rm.pid is not None:
@@ -299,7 +321,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     table = render_text(ctx.rows)
     print(table)
     print()
-    print("ratio = regmirror ÷ distribution (rates: higher is better; times, bytes: lower).")
+    print(
+        "rm/dist, rm/nginx = regmirror ÷ the peer (rates: higher is better; times, bytes: lower)."
+    )
+    for note in ctx.notes:
+        print(note)
     print(f"{len(selected)} scenario(s) in {elapsed:.0f} s.")
     if ctx.failures:
         print("\nFailures:")
@@ -312,6 +338,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if dist_problems:
         print(f"\ndistribution log: {len(dist_problems)} error line(s); the first ones:")
         for p in dist_problems[:5]:
+            print("  " + p)
+    if nginx_problems:
+        print(f"\nnginx error log: {len(nginx_problems)} line(s); the first ones:")
+        for p in nginx_problems[:5]:
             print("  " + p)
     if out is not None:
         report = markdown_report(
@@ -338,9 +368,11 @@ def markdown_report(
     lines = [
         "# Benchmarks",
         "",
-        "regmirror beside the distribution registry (`docker-registry`, proxy mode), both",
-        "with an empty cache in front of the same upstream registry on loopback, each",
-        "through its own counting TCP proxy, measured in the same run. How and why:",
+        "regmirror beside the distribution registry (`docker-registry`, proxy mode) and",
+        "nginx `proxy_cache`, each with an empty cache in front of the same upstream registry",
+        "on loopback, each through a door of its own (a read-only registry on the upstream's",
+        "storage, counted from its log: no proxy in the path), measured in the same run.",
+        "How and why:",
         "[bench/README.md](../bench/README.md). This file is written by the benchmark;",
         "rerun it rather than editing it.",
         "",
@@ -352,6 +384,10 @@ def markdown_report(
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     if overrides:
         lines.append(f"- regmirror config overrides: `{yaml.safe_dump(overrides).strip()}`")
+    lines.append(
+        f"- nginx: worker_processes {ctx.env.nginx_workers} (scenario 4 also 1), the config of "
+        "`tests/support/nginx.py` (proxy_cache, proxy_cache_lock, sendfile)"
+    )
     lines += [
         f"- scenarios: {', '.join(f'{k} {SCENARIOS[k][0]}' for k in selected)}",
         f"- sizes: image {params.layers} x {params.layer_size / MiB:g} MiB raw layers, "
@@ -361,12 +397,14 @@ def markdown_report(
         f"{params.concurrent_blob_size / MiB:g} MiB cold blob (cap "
         f"{params.wan_rate / MiB:g} MiB/s) and a {params.rss_blob_size / MiB:g} MiB cached blob",
         "",
-        "ratio = regmirror ÷ distribution: for rates higher is better, for times, bytes",
-        "and memory lower is better.",
+        "rm/dist and rm/nginx = regmirror ÷ the peer: for rates higher is better, for",
+        "times, bytes and memory lower is better.",
         "",
         render_markdown(ctx.rows),
         "",
     ]
+    if ctx.notes:
+        lines += [*ctx.notes, ""]
     if ctx.failures:
         lines += ["## Failures", ""]
         lines += [f"- {f}" for f in ctx.failures]
@@ -386,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_config_overrides(args.regmirror_config)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
+    if args.profile is not None and py_spy_path() is None:
+        parser.error("--profile needs py-spy (pip install py-spy into the venv)")
     missing = missing_tools()
     if missing:
         packages = " ".join(sorted(set(missing.values())))

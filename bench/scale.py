@@ -2,12 +2,12 @@
 
 7 ``cluster``: three regmirror replicas over one shared store and one Redis, beside
 three distribution proxies over one shared store of their own, each trio behind one
-counting proxy to the upstream; the same concurrent cold pulls through both: three
+counted door to the upstream; the same concurrent cold pulls through both: three
 skopeo pulls of one image at once (one per replica), then 30 curl clients of one cold
 blob spread over the three. Upstream bytes per trio, as a multiple of what was pulled.
 
 8 ``workers``: ``regmirror.workers: 2`` against ``workers: 1`` (two fresh mirrors, each
-with its own counting proxy): manifest GET by digest under wrk, and 32 clients of one
+with its own counted door to the upstream): manifest GET by digest under wrk, and 32 clients of one
 cold blob.
 
 Everything is started for the scenario (a redis-server from Debian for 7; the parent's
@@ -21,18 +21,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.clients import ConcurrentResult, LoadResult, concurrent_curl, median, run_wrk
-from bench.env import BLOB_REPO, MiB, random_blob, wait_quiet
+from bench.env import BLOB_REPO, Fleet, MiB, UpstreamPath, random_blob, wait_quiet
+from bench.env import cluster_connected as _connected
 from bench.report import Row, Target, rm_between
 from bench.scenarios import Context, _latency_text, _rps_text
 from tests.support.images import DOCKER_MANIFEST, Image, docker_image
 from tests.support.merge import deep_merge
 from tests.support.mirror import Mirror
-from tests.support.proxy import CountingProxy
 from tests.support.rawhttp import request
 from tests.support.redis import RedisServer
 from tests.support.skopeo import verify_dir
@@ -43,29 +43,6 @@ REPLICAS = 3
 CLUSTER_CLIENTS = 30
 CLUSTER = ("3 distribution proxies", "3 regmirror replicas", "ratio rm/dist")
 WORKERS = ("workers: 1", "workers: 2", "ratio 2/1")
-
-
-@dataclass
-class Fleet:
-    """What one scenario started, stopped in reverse order by PID."""
-
-    servers: list[Any] = field(default_factory=list)
-
-    def start(self, server: Any) -> Any:
-        self.servers.append(server)
-        server.start()
-        return server
-
-    def proxy(self, url: str) -> CountingProxy:
-        proxy: CountingProxy = self.start(CountingProxy.to_url(url))
-        return proxy
-
-    def stop(self) -> None:
-        for server in reversed(self.servers):
-            try:
-                server.stop()
-            except Exception as e:
-                print(f"bench: could not stop {server}: {e!r}", flush=True)
 
 
 def _mirror(ctx: Context, base: Path, upstream: str, extra: dict[str, Any]) -> Mirror:
@@ -82,11 +59,6 @@ def _mirror(ctx: Context, base: Path, upstream: str, extra: dict[str, Any]) -> M
     )
 
 
-def _connected(mirror: Mirror) -> bool:
-    text = request(mirror.url, "GET", "/metrics").body.decode()
-    return "regmirror_cluster_connected 1" in text
-
-
 # --- 7: a cluster ----------------------------------------------------------------------
 
 
@@ -94,14 +66,14 @@ def _connected(mirror: Mirror) -> bool:
 class _Trio:
     key: str  # "dist" or "rm"
     hosts: list[str]
-    proxy: CountingProxy
+    proxy: UpstreamPath
 
 
 def _start_cluster(ctx: Context, base: Path, fleet: Fleet) -> tuple[_Trio, _Trio]:
     env = ctx.env
     assert env.upstream is not None
     redis = fleet.start(RedisServer(base / "redis"))
-    dist_proxy = fleet.proxy(env.upstream.url)
+    dist_proxy = env.fresh_path(fleet)
     dist_store = base / "dist-store"
     dists = []
     for i in range(REPLICAS):
@@ -111,7 +83,7 @@ def _start_cluster(ctx: Context, base: Path, fleet: Fleet) -> tuple[_Trio, _Trio
             "log": {"level": "warn", "accesslog": {"disabled": True}},
         }
         dists.append(fleet.start(UpstreamRegistry(base / f"dist{i}", extra_config=extra)))
-    rm_proxy = fleet.proxy(env.upstream.url)
+    rm_proxy = env.fresh_path(fleet)
     rm_store = base / "rm-store"
     rms = []
     for i in range(REPLICAS):
@@ -298,9 +270,9 @@ def workers(ctx: Context) -> None:
     base = ctx.tmp / "workers"
     try:
         ctx.log("8 workers: starting regmirror with workers: 1 and with workers: 2")
-        sides: dict[int, tuple[Mirror, CountingProxy]] = {}
+        sides: dict[int, tuple[Mirror, UpstreamPath]] = {}
         for count in (1, 2):
-            proxy = fleet.proxy(env.upstream.url)
+            proxy = env.fresh_path(fleet)
             extra = {"regmirror": {"workers": count}}
             mirror = fleet.start(_mirror(ctx, base / f"w{count}", proxy.url, extra))
             sides[count] = (mirror, proxy)

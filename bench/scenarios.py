@@ -1,19 +1,32 @@
-"""The scenarios: one function each, measuring distribution (proxy mode) and regmirror
-in the same run, appending ``Row``s to the context.
+"""The scenarios: one function each, measuring the distribution registry (proxy mode),
+nginx ``proxy_cache`` and regmirror in the same run, appending ``Row``s to the context.
 
-Measurements alternate the order of the two sides from one repetition to the next,
-so that neither always runs first on a noisy machine.
+A scenario function ``fn(ctx: Context) -> None`` receives the ``Context``: ``ctx.env``
+(the running servers: the upstream, the three ``Side``s ``dist`` / ``nginx`` / ``rm``
+with their counted ``upstream`` paths; ``fresh_mirror`` / ``fresh_nginx`` /
+``fresh_distribution`` / ``fresh_path`` start servers of its own into a ``Fleet`` it
+stops), ``ctx.params`` (sizes and durations, quick or full), ``ctx.tmp`` (a scratch
+directory removed at the end), ``ctx.profiled(side, ...)`` (a py-spy profile of
+regmirror with ``--profile``), and appends to ``ctx.rows`` (the table; ``peer_row``
+for the three columns), ``ctx.notes`` (lines printed under it), ``ctx.failures`` (a
+failed measurement: exit status 1; ``ctx.attempt`` records one and goes on) and
+``ctx.rss`` / ``ctx.rss_process`` (peaks for the RSS rows). ``ctx.log`` prints progress.
+
+Measurements rotate the order of the sides from one repetition to the next, so that
+none always runs first on a noisy machine.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -32,20 +45,37 @@ from bench.clients import (
 from bench.env import (
     BLOB_REPO,
     BenchEnv,
+    Fleet,
     MiB,
     RssMonitor,
     Side,
     TransferWatch,
+    cluster_connected,
     random_blob,
     wait_quiet,
 )
-from bench.report import Row, Target, format_value, rm_at_least, rm_at_most, rm_between
+from bench.profile import profile_name, py_spy_record
+from bench.report import (
+    Row,
+    Target,
+    all_of,
+    format_value,
+    rm_at_least,
+    rm_at_least_value,
+    rm_at_most,
+    rm_at_most_peer,
+    rm_between,
+)
 from tests.support.images import DOCKER_MANIFEST, Image, docker_image
+from tests.support.mirror import Mirror
 from tests.support.rawhttp import request
 from tests.support.skopeo import verify_dir
+from tests.support.wait import poll_until
 
 T = TypeVar("T")
 MB = 1_000_000
+GB = 1_000_000_000
+KEYS = ("dist", "nginx", "rm")  # the sides, in the table's column order
 
 
 @dataclass(frozen=True)
@@ -69,9 +99,9 @@ class Params:
             quick=False,
             layer_size=50 * MiB,
             layers=4,
-            pull_repeats=5,
+            pull_repeats=3,
             blob_size=256 * MiB,
-            cold_blob_runs=5,
+            cold_blob_runs=3,
             cached_blob_runs=5,
             load_duration=load_duration,
             clients=32,
@@ -110,8 +140,12 @@ class Context:
     pulled: list[Image] = field(default_factory=list)
     # A blob stored in both caches: (digest, size).
     cached_blob: tuple[str, int] | None = None
-    # Peak RSS (MB) per side key, per phase.
+    # --profile: where py-spy flame graphs of regmirror's measured runs go.
+    profile_dir: Path | None = None
+    # Peak RSS (MB) per phase, per side key: of the whole process tree, and of its
+    # largest single process (a worker).
     rss: dict[str, dict[str, float]] = field(default_factory=dict)
+    rss_process: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -128,9 +162,56 @@ class Context:
             traceback.print_exc(file=sys.stderr)
             return None
 
-    def order(self, i: int) -> Sequence[Side]:
-        dist, rm = self.env.sides
-        return (dist, rm) if i % 2 == 0 else (rm, dist)
+    @contextmanager
+    def profiled(self, side: Side, *what: object) -> Iterator[None]:
+        """With ``--profile``: a py-spy flame graph of regmirror (only) while the block
+        runs, in ``profile_dir/<what>.svg``; otherwise nothing."""
+        if self.profile_dir is None or side.key != "rm" or side.pid is None:
+            yield
+            return
+        out = self.profile_dir / f"{profile_name(*what)}.svg"
+        with py_spy_record(side.pid, out):
+            yield
+        self.log(f"  profile: {out}")
+
+    def order(self, i: int, sides: Sequence[Side] | None = None) -> Sequence[Side]:
+        """The sides (by default the three main ones), rotated by ``i``."""
+        listed = list(self.env.sides if sides is None else sides)
+        k = i % len(listed)
+        return listed[k:] + listed[:k]
+
+
+def per_side() -> dict[str, list[float]]:
+    return {key: [] for key in KEYS}
+
+
+def peer_row(
+    scenario: str,
+    metric: str,
+    values: dict[str, float | None],
+    unit: str = "",
+    *,
+    texts: dict[str, str | None] | None = None,
+    **kwargs: object,
+) -> Row:
+    """A row of the main table from values (and cell texts) keyed by side."""
+    texts = texts or {}
+    return Row(
+        scenario,
+        metric,
+        values.get("dist"),
+        values.get("rm"),
+        unit,
+        dist_text=texts.get("dist"),
+        rm_text=texts.get("rm"),
+        nginx=values.get("nginx"),
+        nginx_text=texts.get("nginx"),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def medians(values: dict[str, list[float]]) -> dict[str, float | None]:
+    return {key: _med(v) for key, v in values.items()}
 
 
 def _mib(n: float) -> str:
@@ -170,25 +251,31 @@ def _pull(ctx: Context, host: str, image: Image) -> float:
 
 
 def cold_pull(ctx: Context) -> None:
-    """1: skopeo copy of a ~200 MB image in 4 layers, empty caches, plus the direct floor."""
+    """1: skopeo copy of a ~200 MB image in 4 layers, empty caches, plus the direct
+    pull from the upstream itself (no proxy: the ceiling)."""
     env, p = ctx.env, ctx.params
-    assert env.upstream is not None and env.direct is not None
+    assert env.upstream is not None
     direct_times: list[float] = []
-    times: dict[str, list[float]] = {"dist": [], "rm": []}
-    copies: dict[str, list[float]] = {"dist": [], "rm": []}
+    times = per_side()
+    copies = per_side()
     size = 0
     for r in range(p.pull_repeats):
         image = _bench_image(ctx, r)
         size = _image_bytes(image)
         ctx.log(f"1 cold pull {r + 1}/{p.pull_repeats}: pushing {_mib(size)} image")
         env.push_image(image)
-        direct_host = env.direct.host
-        t = ctx.attempt("direct", "pull", lambda: _pull(ctx, direct_host, image))  # noqa: B023
-        if t is not None:
-            direct_times.append(t)
-            ctx.log(f"  direct {t:.2f} s")
-        for side in ctx.order(r):
-            before = side.proxy.bytes_down
+        direct_host = env.upstream.host
+        # The direct pull takes its turn in the rotation too (None: direct).
+        turns: list[Side | None] = [None, *env.sides]
+        k = r % len(turns)
+        for side in turns[k:] + turns[:k]:
+            if side is None:
+                t = ctx.attempt("direct", "pull", lambda: _pull(ctx, direct_host, image))  # noqa: B023
+                if t is not None:
+                    direct_times.append(t)
+                    ctx.log(f"  direct {t:.2f} s")
+                continue
+            before = side.upstream.bytes_down
 
             def pull(side: Side = side) -> float:
                 seconds = _pull(ctx, side.host, image)  # noqa: B023
@@ -198,42 +285,39 @@ def cold_pull(ctx: Context) -> None:
             t = ctx.attempt(side, "cold pull", pull)
             if t is not None:
                 times[side.key].append(t)
-                copies[side.key].append((side.proxy.bytes_down - before) / size)
+                copies[side.key].append((side.upstream.bytes_down - before) / size)
                 ctx.log(f"  {side.label} {t:.2f} s, {copies[side.key][-1]:.2f}x image upstream")
         ctx.pulled.append(image)
     direct = _med(direct_times)
-    dist_t, rm_t = _med(times["dist"]), _med(times["rm"])
+    walls = medians(times)
 
     def vs_direct(value: float | None) -> str | None:
         if value is None or direct is None:
             return None
         return f"{value:.2f} s ({value / direct:.2f}x direct)"
 
-    def within_direct(_d: float | None, rm: float | None) -> bool | None:
+    def within_direct(v: object) -> bool | None:
+        rm = walls["rm"]
         return None if rm is None or direct is None else rm <= 1.1 * direct
 
     scenario = f"1 cold pull, {_mib(size)} in {p.layers} layers"
     n = p.pull_repeats
     direct_text = f"{direct:.2f} s" if direct is not None else "failed"
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
-            f"wall time, median of {n} (direct from upstream: {direct_text})",
-            dist_t,
-            rm_t,
+            f"wall time, median of {n} (direct from upstream, no proxy: {direct_text})",
+            walls,
             "s",
-            dist_text=vs_direct(dist_t),
-            rm_text=vs_direct(rm_t),
+            texts={k: vs_direct(v) for k, v in walls.items()},
             target=Target("≤ 1.1x direct", within_direct),
         )
     )
-    dist_c, rm_c = _med(copies["dist"]), _med(copies["rm"])
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "upstream bytes (x image size)",
-            dist_c,
-            rm_c,
+            medians(copies),
             "x image",
             target=Target("= 1.0x image", rm_between(0.99, 1.01)),
         )
@@ -258,32 +342,23 @@ def _ensure_pulled(ctx: Context) -> list[Image]:
 def warm_pull(ctx: Context) -> None:
     """2: the same pulls again, everything cached."""
     images = _ensure_pulled(ctx)
-    times: dict[str, list[float]] = {"dist": [], "rm": []}
-    upstream_requests: dict[str, list[int]] = {"dist": [], "rm": []}
+    times = per_side()
+    upstream_requests = per_side()
     for i, image in enumerate(images):
         for side in ctx.order(i):
-            before = side.proxy.count_requests()
+            before = side.upstream.count_requests()
             t = ctx.attempt(side, "warm pull", lambda s=side: _pull(ctx, s.host, image))  # noqa: B023
             if t is not None:
                 times[side.key].append(t)
-                upstream_requests[side.key].append(side.proxy.count_requests() - before)
+                upstream_requests[side.key].append(side.upstream.count_requests() - before)
                 ctx.log(f"2 warm pull: {side.label} {t:.2f} s")
     scenario = f"2 warm pull, {_mib(_image_bytes(images[0]))}"
+    ctx.rows.append(peer_row(scenario, f"wall time, median of {len(images)}", medians(times), "s"))
     ctx.rows.append(
-        Row(
-            scenario,
-            f"wall time, median of {len(images)}",
-            _med(times["dist"]),
-            _med(times["rm"]),
-            "s",
-        )
-    )
-    ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "upstream requests per pull",
-            _med(upstream_requests["dist"]),
-            _med(upstream_requests["rm"]),
+            medians(upstream_requests),
             digits=0,
             show_ratio=False,
         )
@@ -294,12 +369,17 @@ def warm_pull(ctx: Context) -> None:
 
 
 def blob_get(ctx: Context) -> None:
-    """3: GET of one 256 MiB blob, cold (a new blob per run) and cached; curl's speed."""
+    """3: GET of one 256 MiB blob, cold (a new blob per run) and cached; curl's speed.
+    The direct GET from the upstream: with no proxy (the ceiling), through a
+    SpliceProxy and through the asyncio CountingProxy that every side's path went
+    through before (what a proxy in the path costs)."""
     env, p = ctx.env, ctx.params
-    cold: dict[str, list[float]] = {"dist": [], "rm": []}
-    copies: dict[str, list[float]] = {"dist": [], "rm": []}
+    cold = per_side()
+    copies = per_side()
     direct: list[float] = []
-    assert env.direct is not None
+    proxied: list[float] = []
+    old: list[float] = []
+    assert env.direct is not None and env.direct_old is not None and env.upstream is not None
     first = None
     for i in range(p.cold_blob_runs):
         blob = random_blob(f"bench/blob/{i}", p.blob_size)
@@ -309,91 +389,117 @@ def blob_get(ctx: Context) -> None:
         del blob
         first = first or (digest, size)
         for side in ctx.order(i):
-            before = side.proxy.bytes_down
+            before = side.upstream.bytes_down
 
-            def get(side: Side = side) -> CurlResult:
-                result = curl_get(side.blob_url(BLOB_REPO, digest), expect_size=size)  # noqa: B023
+            def get(side: Side = side, i: int = i) -> CurlResult:
+                with ctx.profiled(side, "3 cold blob get", i + 1):
+                    result = curl_get(side.blob_url(BLOB_REPO, digest), expect_size=size)  # noqa: B023
                 env.wait_stored(side, [digest])  # noqa: B023
                 return result
 
             result = ctx.attempt(side, "cold blob GET", get)
             if result is not None:
                 cold[side.key].append(result.speed / MiB)
-                copies[side.key].append((side.proxy.bytes_down - before) / size)
+                copies[side.key].append((side.upstream.bytes_down - before) / size)
                 ctx.log(f"  {side.label} {result.speed / MiB:.1f} MiB/s")
-        direct_url = f"{env.direct.url}/v2/{BLOB_REPO}/blobs/{digest}"
-        result = ctx.attempt("direct", "blob GET", lambda: curl_get(direct_url, expect_size=size))  # noqa: B023
-        if result is not None:
-            direct.append(result.speed / MiB)
-            ctx.log(f"  direct from upstream {result.speed / MiB:.1f} MiB/s")
+        paths = [
+            (direct, env.upstream.url, "no proxy"),
+            (proxied, env.direct.url, "SpliceProxy"),
+            (old, env.direct_old.url, "CountingProxy (before)"),
+        ]
+        for speeds, base, what in paths[i % 3 :] + paths[: i % 3]:
+            url = f"{base}/v2/{BLOB_REPO}/blobs/{digest}"
+            result = ctx.attempt(
+                "direct",
+                f"blob GET ({what})",
+                lambda u=url: curl_get(u, expect_size=size),  # noqa: B023
+            )
+            if result is not None:
+                speeds.append(result.speed / MiB)
+                ctx.log(f"  direct from upstream, {what}: {result.speed / MiB:.1f} MiB/s")
     assert first is not None
     ctx.cached_blob = first
     digest, size = first
-    cached: dict[str, list[float]] = {"dist": [], "rm": []}
+    cached = per_side()
     for j in range(p.cached_blob_runs):
         for side in ctx.order(j):
             url = side.blob_url(BLOB_REPO, digest)
-            result = ctx.attempt(
-                side, "cached blob GET", lambda u=url: curl_get(u, expect_size=size)
-            )
+            with ctx.profiled(side, "3 cached blob get", j + 1):
+                result = ctx.attempt(
+                    side, "cached blob GET", lambda u=url: curl_get(u, expect_size=size)
+                )
             if result is not None:
                 cached[side.key].append(result.speed / MiB)
         ctx.log(f"3 cached blob GET {j + 1}/{p.cached_blob_runs}")
     scenario = f"3 one {_mib(size)} blob, curl"
+    ceiling = format_value(_med(direct), "MiB/s", 1)
+    through = format_value(_med(proxied), "MiB/s", 1)
+    before = format_value(_med(old), "MiB/s", 1)
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
-            f"cold GET, MiB/s (median of {p.cold_blob_runs}, a new blob each; "
-            f"direct from upstream: {format_value(_med(direct), 'MiB/s', 1)})",
-            _med(cold["dist"]),
-            _med(cold["rm"]),
-            "MiB/s",
-            digits=1,
-            target=Target("≥ 2x distribution", rm_at_least(2.0)),
+            f"direct GET from the upstream, median: {ceiling} without a proxy (the "
+            f"ceiling); {through} through a SpliceProxy; {before} through the asyncio "
+            "CountingProxy (every side's path before)",
+            {},
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
+            scenario,
+            f"cold GET, MiB/s (median of {p.cold_blob_runs}, a new blob each)",
+            medians(cold),
+            "MiB/s",
+            digits=1,
+            target=Target(
+                "≥ 1.0x distribution and ≥ 1.0x nginx",
+                all_of(rm_at_least(1.0), rm_at_least(1.0, "nginx")),
+            ),
+        )
+    )
+    ctx.rows.append(
+        peer_row(
             scenario,
             "cold GET: upstream copies of the blob",
-            _med(copies["dist"]),
-            _med(copies["rm"]),
+            medians(copies),
             "x",
             show_ratio=False,
             target=Target("= 1", rm_between(0.99, 1.01)),
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             f"cached GET, MiB/s (median of {p.cached_blob_runs})",
-            _med(cached["dist"]),
-            _med(cached["rm"]),
+            medians(cached),
             "MiB/s",
             digits=1,
-            target=Target("≥ 1.0x distribution", rm_at_least(1.0)),
+            target=Target(
+                "≥ 1.0x nginx and ≥ 1.0x distribution",
+                all_of(rm_at_least(1.0, "nginx"), rm_at_least(1.0)),
+            ),
         )
     )
     tls_speeds = _cached_blob_over_tls(ctx, size)
+    gb_in_mib = GB / MiB
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             f"cached GET over TLS, MiB/s (median of {p.cached_blob_runs}; curl --cacert)",
-            _med(tls_speeds["dist"]),
-            _med(tls_speeds["rm"]),
+            medians(tls_speeds),
             "MiB/s",
             digits=1,
-            target=Target("≥ 1.0x distribution (TLS)", rm_at_least(1.0)),
+            target=Target(f"≥ 1 GB/s ({gb_in_mib:.0f} MiB/s)", rm_at_least_value(gb_in_mib)),
         )
     )
 
 
 def _cached_blob_over_tls(ctx: Context, size: int) -> dict[str, list[float]]:
-    """3, over TLS: a TLS regmirror and a TLS distribution proxy (fresh stores), each
-    primed with one GET of a new blob of ``size`` bytes, then cached GETs with curl
-    verifying the certificate."""
+    """3, over TLS: TLS servers of the three (fresh stores), each primed with one GET
+    of a new blob of ``size`` bytes, then cached GETs with curl verifying the
+    certificate."""
     env, p = ctx.env, ctx.params
-    speeds: dict[str, list[float]] = {"dist": [], "rm": []}
+    speeds = per_side()
     blob = random_blob("bench/blob/tls", size)
     env.push_blob(blob)
     digest = blob.digest
@@ -404,8 +510,7 @@ def _cached_blob_over_tls(ctx: Context, size: int) -> dict[str, list[float]]:
         return speeds
     try:
         cacert = str(tls.ca_path)
-        sides = (tls.dist, tls.rm)
-        for side in sides:
+        for side in tls.sides:
             url = side.blob_url(BLOB_REPO, digest)
             primed = ctx.attempt(
                 side,
@@ -415,7 +520,7 @@ def _cached_blob_over_tls(ctx: Context, size: int) -> dict[str, list[float]]:
             if primed is not None:
                 env.wait_stored(side, [digest])
         for j in range(p.cached_blob_runs):
-            for side in sides if j % 2 == 0 else sides[::-1]:
+            for side in ctx.order(j, tls.sides):
                 url = side.blob_url(BLOB_REPO, digest)
                 result = ctx.attempt(
                     side,
@@ -449,117 +554,181 @@ def _rps_text(result: object) -> str | None:
     return text
 
 
+def _regmirror_workers(env: BenchEnv) -> int:
+    value = env.mirror.config().get("regmirror", {}).get("workers", 1)
+    return value if isinstance(value, int) else 1
+
+
+def _manifest_sides(ctx: Context, procs: int, fleet: Fleet) -> list[Side]:
+    """The sides of scenario 4 at ``procs`` processes: regmirror with ``workers:
+    procs`` and nginx with ``worker_processes procs``, the main ones when they have
+    that many, fresh ones (stopped with ``fleet``) otherwise; the distribution proxy
+    (one Go process, threads on every core) with the larger count only."""
+    env = ctx.env
+    assert env.dist is not None and env.nginx is not None and env.rm is not None
+    base = ctx.tmp / f"manifest-{procs}"
+    sides: list[Side] = []
+    if procs == 2:
+        sides.append(env.dist)
+    if env.nginx_workers == procs:
+        sides.append(env.nginx)
+    else:
+        ctx.log(f"4: starting nginx with worker_processes {procs}")
+        sides.append(env.fresh_nginx(fleet, base / "nginx", procs))
+    if _regmirror_workers(env) == procs:
+        sides.append(env.rm)
+    else:
+        ctx.log(f"4: starting regmirror with workers: {procs}")
+        side = env.fresh_mirror(fleet, base / "regmirror", {"regmirror": {"workers": procs}})
+        if procs > 1:
+            assert isinstance(side.server, Mirror)
+            mirror = side.server
+            poll_until(lambda: cluster_connected(mirror), 30, what="the workers joined Redis")
+        sides.append(side)
+    return sides
+
+
 def manifests(ctx: Context) -> None:
-    """4: manifest GET by digest (wrk) and HEAD by tag (ab -i), cached."""
-    env, p = ctx.env, ctx.params
+    """4: manifest GET by digest (wrk) and HEAD by tag (ab -i), cached; with one
+    process (regmirror ``workers: 1`` against nginx ``worker_processes 1``) and with
+    two (``workers: 2`` against ``worker_processes 2``, and the distribution proxy)."""
+    env = ctx.env
     image = docker_image("bench/small", "v1", seed="bench/small")
     env.push_image(image)
+    for procs in (1, 2):
+        fleet = Fleet()
+        try:
+            sides = ctx.attempt(
+                f"{procs} process(es)",
+                "start the servers",
+                lambda n=procs, f=fleet: _manifest_sides(ctx, n, f),
+            )
+            if sides is not None:
+                _manifest_load(ctx, image, procs, sides)
+        finally:
+            fleet.stop()
+
+
+def _manifest_load(ctx: Context, image: Image, procs: int, sides: Sequence[Side]) -> None:
+    env, p = ctx.env, ctx.params
     accept = {"Accept": DOCKER_MANIFEST}
-    for side in env.sides:  # prime both caches: tag, digest, blobs
+    for side in sides:  # prime the caches: tag, digest
         for ref in (image.tag, image.digest):
             resp = request(side.url, "GET", f"/v2/{image.name}/manifests/{ref}", headers=accept)
             if resp.status != 200:
                 ctx.failures.append(f"{side.label}: priming GET manifest {ref}: {resp.status}")
     duration = p.load_duration
-    wrk_results: dict[str, object] = {}
-    wrk_upstream: dict[str, float] = {}
-    for side in ctx.order(0):
-        wait_quiet(side.proxy, quiet=0.2)
-        before = side.proxy.count_requests()
+    what = f"{procs} process{'es' if procs > 1 else ''}"
+    wrk_results: dict[str, LoadResult] = {}
+    wrk_upstream: dict[str, float | None] = {}
+    for side in ctx.order(procs, sides):
+        wait_quiet(side.upstream, quiet=0.2)
+        before = side.upstream.count_requests()
         url = f"{side.url}/v2/{image.name}/manifests/{image.digest}"
-        ctx.log(f"4 manifest GET by digest: wrk {duration:g} s on {side.label}")
-        res = ctx.attempt(
-            side,
-            "wrk GET manifest by digest",
-            lambda u=url: run_wrk(u, duration=duration, headers=accept),
-        )
+        ctx.log(f"4 manifest GET by digest, {what}: wrk {duration:g} s on {side.label}")
+        with ctx.profiled(side, "4 manifest get by digest", what):
+            res = ctx.attempt(
+                side,
+                "wrk GET manifest by digest",
+                lambda u=url: run_wrk(u, duration=duration, headers=accept),
+            )
         if res is not None:
             wrk_results[side.key] = res
-            wrk_upstream[side.key] = side.proxy.count_requests() - before
+            wrk_upstream[side.key] = side.upstream.count_requests() - before
             ctx.log(f"  {res.rps:,.0f} requests/s, {res.errors} errors")
-    ab_results: dict[str, object] = {}
-    ab_upstream: dict[str, float] = {}
-    for side in ctx.order(1):
-        wait_quiet(side.proxy, quiet=0.2)
-        before = side.proxy.count_requests()
+    ab_results: dict[str, LoadResult] = {}
+    ab_upstream: dict[str, float | None] = {}
+    for side in ctx.order(procs + 1, sides):
+        wait_quiet(side.upstream, quiet=0.2)
+        before = side.upstream.count_requests()
         url = f"{side.url}/v2/{image.name}/manifests/{image.tag}"
-        ctx.log(f"4 manifest HEAD by tag: ab {duration:g} s on {side.label}")
-        res2 = ctx.attempt(
-            side,
-            "ab HEAD manifest by tag",
-            lambda u=url: run_ab_head(u, duration=duration, headers=accept),
-        )
+        ctx.log(f"4 manifest HEAD by tag, {what}: ab {duration:g} s on {side.label}")
+        with ctx.profiled(side, "4 manifest head by tag", what):
+            res2 = ctx.attempt(
+                side,
+                "ab HEAD manifest by tag",
+                lambda u=url: run_ab_head(u, duration=duration, headers=accept),
+            )
         if res2 is not None:
             ab_results[side.key] = res2
-            ab_upstream[side.key] = side.proxy.count_requests() - before
+            ab_upstream[side.key] = side.upstream.count_requests() - before
             ctx.log(f"  {res2.rps:,.0f} requests/s, {res2.errors} errors")
 
-    def rps(results: dict[str, object], key: str) -> float | None:
-        r = results.get(key)
-        return getattr(r, "rps", None)
+    def rps(results: dict[str, LoadResult]) -> dict[str, float | None]:
+        return {k: r.rps for k, r in results.items()}
+
+    def texts(results: dict[str, LoadResult], fn: Callable[[object], str | None]) -> dict:
+        return {k: fn(r) for k, r in results.items()}
 
     d = f"{duration:g} s"
-    s_get = f"4 manifest GET by digest (wrk -t2 -c32 {d})"
+    dist_note = "" if procs == 1 else "; distribution: one Go process, all cores"
+    s_get = f"4 manifest GET by digest (wrk -t2 -c32 {d}), {what}"
+    get_target = Target("≥ 0.4x nginx", rm_at_least(0.4, "nginx"))
+    if procs == 2:
+        get_target = Target(
+            "≥ 0.4x nginx; ≥ 10x distribution",
+            all_of(rm_at_least(0.4, "nginx"), rm_at_least(10.0)),
+        )
     ctx.rows.append(
-        Row(
+        peer_row(
             s_get,
-            "requests/s",
-            rps(wrk_results, "dist"),
-            rps(wrk_results, "rm"),
+            f"requests/s{dist_note}",
+            rps(wrk_results),
             digits=0,
-            dist_text=_rps_text(wrk_results.get("dist")),
-            rm_text=_rps_text(wrk_results.get("rm")),
-            target=Target("≥ 10x distribution", rm_at_least(10.0)),
+            texts=texts(wrk_results, _rps_text),
+            target=get_target,
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
             s_get,
             "latency p50 / p90 / p99, ms",
-            dist_text=_latency_text(wrk_results.get("dist")),
-            rm_text=_latency_text(wrk_results.get("rm")),
+            {},
+            texts=texts(wrk_results, _latency_text),
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
             s_get,
             "upstream requests during the run",
-            wrk_upstream.get("dist"),
-            wrk_upstream.get("rm"),
+            wrk_upstream,
             digits=0,
             show_ratio=False,
         )
     )
     freshness = _freshness_seconds(env)
     windows = max(1, math.floor(duration / freshness) + 1) if freshness else None
-    s_head = f"4 manifest HEAD by tag (ab -k -i -c32 {d})"
+    s_head = f"4 manifest HEAD by tag (ab -k -i -c32 {d}), {what}"
+    head_target = Target("≥ 0.4x nginx", rm_at_least(0.4, "nginx"))
+    if procs == 2:
+        head_target = Target(
+            "≥ 0.4x nginx; ≥ 30x distribution",
+            all_of(rm_at_least(0.4, "nginx"), rm_at_least(30.0)),
+        )
     ctx.rows.append(
-        Row(
+        peer_row(
             s_head,
-            "requests/s",
-            rps(ab_results, "dist"),
-            rps(ab_results, "rm"),
+            f"requests/s{dist_note}",
+            rps(ab_results),
             digits=0,
-            dist_text=_rps_text(ab_results.get("dist")),
-            rm_text=_rps_text(ab_results.get("rm")),
-            target=Target("≥ 30x distribution", rm_at_least(30.0)),
+            texts=texts(ab_results, _rps_text),
+            target=head_target,
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
             s_head,
             "latency p50 / p90 / p99, ms (ab: whole ms)",
-            dist_text=_latency_text(ab_results.get("dist")),
-            rm_text=_latency_text(ab_results.get("rm")),
+            {},
+            texts=texts(ab_results, _latency_text),
         )
     )
     fresh_text = f"{freshness:g} s" if freshness is not None else "?"
     ctx.rows.append(
-        Row(
+        peer_row(
             s_head,
             f"upstream requests during the run (tag freshness {fresh_text})",
-            ab_upstream.get("dist"),
-            ab_upstream.get("rm"),
+            ab_upstream,
             digits=0,
             show_ratio=False,
             target=Target(
@@ -583,9 +752,13 @@ def _freshness_seconds(env: BenchEnv) -> float | None:
 # --- 5 and 6: many clients -------------------------------------------------------------
 
 
-def _peak(ctx: Context, phase: str, key: str, mib: float) -> None:
-    phase_peaks = ctx.rss.setdefault(phase, {})
-    phase_peaks[key] = max(phase_peaks.get(key, 0.0), mib * MiB / MB)
+def _peak(ctx: Context, phase: str, key: str, monitor: RssMonitor) -> None:
+    for peaks, mib in (
+        (ctx.rss, monitor.peak_mib),
+        (ctx.rss_process, monitor.peak_process_mib),
+    ):
+        phase_peaks = peaks.setdefault(phase, {})
+        phase_peaks[key] = max(phase_peaks.get(key, 0.0), mib * MiB / MB)
 
 
 @dataclass
@@ -596,6 +769,19 @@ class _FanOut:
     copies: float  # upstream bytes / blob size
     gets: int  # upstream GET requests for the blob
     first_copy: float | None  # s from the release of the clients to one full upstream copy
+
+
+def _capped_sides(ctx: Context, fleet: Fleet, cap: float) -> list[Side]:
+    """Fresh servers of the three, each reaching the upstream through its own
+    counting proxy capped at ``cap`` bytes/s (the main ones have no proxy to cap)."""
+    env = ctx.env
+    base = ctx.tmp / "capped"
+    ctx.log(f"5: starting the three behind proxies capped at {cap / MiB:g} MiB/s")
+    return [
+        env.fresh_distribution(fleet, base / "distribution", env.fresh_path(fleet, cap)),
+        env.fresh_nginx(fleet, base / "nginx", env.nginx_workers, env.fresh_path(fleet, cap)),
+        env.fresh_mirror(fleet, base / "regmirror", {}, env.fresh_path(fleet, cap)),
+    ]
 
 
 def concurrent_cold(ctx: Context) -> None:
@@ -609,22 +795,35 @@ def concurrent_cold(ctx: Context) -> None:
         env.push_blob(blob)
         digest, hex_ = blob.digest, blob.hex
         del blob
-        env.set_rate(cap)
         runs: dict[str, _FanOut] = {}
+        fleet = Fleet()
         try:
-            for side in ctx.order(0 if cap is None else 1):
+            if cap is None:
+                sides: Sequence[Side] = env.sides
+            else:
+                started = ctx.attempt(
+                    "capped", "start the servers", lambda c=cap, f=fleet: _capped_sides(ctx, f, c)
+                )
+                if started is None:
+                    continue
+                sides = started
+            for side in ctx.order(0 if cap is None else 1, sides):
                 ctx.log(f"5 {n} clients, cold {_mib(size)} blob, {label}: {side.label}")
-                before_bytes = side.proxy.bytes_down
-                before_gets = side.proxy.count_requests("GET", digest)
+                before_bytes = side.upstream.bytes_down
+                before_gets = side.upstream.count_requests("GET", digest)
                 assert side.pid is not None
                 url = side.blob_url(BLOB_REPO, digest)
-                with RssMonitor(side.pid) as monitor, TransferWatch(side.proxy, size) as watch:
+                with (
+                    RssMonitor(side.pid) as monitor,
+                    TransferWatch(side.upstream, size) as watch,
+                    ctx.profiled(side, "5 fan out", label),
+                ):
                     res = ctx.attempt(
                         side,
                         f"{n} concurrent cold GETs ({label})",
                         lambda u=url: concurrent_curl(u, n, expect_size=size),
                     )
-                _peak(ctx, "5", side.key, monitor.peak_mib)
+                _peak(ctx, "5", side.key, monitor)
                 if res is None:
                     continue
                 for error in res.errors[:5]:
@@ -632,8 +831,8 @@ def concurrent_cold(ctx: Context) -> None:
                 ctx.attempt(side, "store blob", lambda s=side: env.wait_stored(s, [digest]))  # noqa: B023
                 run = _FanOut(
                     res,
-                    (side.proxy.bytes_down - before_bytes) / size,
-                    side.proxy.count_requests("GET", digest) - before_gets,
+                    (side.upstream.bytes_down - before_bytes) / size,
+                    side.upstream.count_requests("GET", digest) - before_gets,
                     watch.done_at - res.started if watch.done_at is not None else None,
                 )
                 runs[side.key] = run
@@ -644,7 +843,7 @@ def concurrent_cold(ctx: Context) -> None:
                     f"{run.first_copy or 0:.2f} s, {len(res.errors)} errors"
                 )
         finally:
-            env.set_rate(None)
+            fleet.stop()
         _concurrent_rows(ctx, label, cap, size, hex_, runs)
 
 
@@ -658,98 +857,80 @@ def _concurrent_rows(
 ) -> None:
     n = ctx.params.clients
     scenario = f"5 {n} clients, one cold {_mib(size)} blob, {label}"
-    results = {key: run.result for key, run in runs.items()}
 
-    def wall(key: str) -> float | None:
-        r = results.get(key)
-        return r.wall if r is not None else None
+    def each(fn: Callable[[_FanOut], float | None]) -> dict[str, float | None]:
+        return {key: fn(run) for key, run in runs.items()}
 
-    def attr(key: str, name: str) -> float | None:
-        run = runs.get(key)
-        return getattr(run, name) if run is not None else None
-
+    walls = each(lambda r: r.result.wall)
     if cap is None:
-        ctx.rows.append(Row(scenario, "total wall time", wall("dist"), wall("rm"), "s"))
+        ctx.rows.append(peer_row(scenario, "total wall time", walls, "s"))
     else:
         one = size / cap
         ctx.rows.append(
-            Row(
+            peer_row(
                 scenario,
                 f"total wall time (one transfer at the cap: {one:.2f} s)",
-                wall("dist"),
-                wall("rm"),
+                walls,
                 "s",
-                target=Target("≤ 1.2x one transfer", rm_at_most(1.2 * one)),
+                target=Target("≤ nginx's", rm_at_most_peer(1.0, "nginx")),
             )
         )
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "time until one full copy came from upstream",
-            attr("dist", "first_copy"),
-            attr("rm", "first_copy"),
+            each(lambda r: r.first_copy),
             "s",
         )
     )
 
-    def ttfb(key: str) -> tuple[float | None, str | None]:
-        r = results.get(key)
-        if r is None or not r.results:
-            return None, None
-        values = sorted(x.ttfb for x in r.results)
+    def ttfb(run: _FanOut) -> tuple[float, str] | None:
+        if not run.result.results:
+            return None
+        values = sorted(x.ttfb for x in run.result.results)
         med = median(values)
         return med, f"{values[0]:.3f} / {med:.3f} / {values[-1]:.3f}"
 
-    (dm, dt), (rmm, rt) = ttfb("dist"), ttfb("rm")
+    ttfbs = {key: ttfb(run) for key, run in runs.items()}
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "TTFB per client min / median / max, s",
-            dm,
-            rmm,
-            dist_text=dt,
-            rm_text=rt,
+            {k: v[0] if v else None for k, v in ttfbs.items()},
+            texts={k: v[1] if v else None for k, v in ttfbs.items()},
             target=Target("median ≤ 0.1 s", rm_at_most(0.1)),
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "upstream copies of the blob (bytes ÷ size)",
-            attr("dist", "copies"),
-            attr("rm", "copies"),
+            each(lambda r: r.copies),
             "x",
             show_ratio=False,
             target=Target("exactly 1", rm_between(0.99, 1.01)),
         )
     )
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "upstream GET requests for the blob",
-            attr("dist", "gets"),
-            attr("rm", "gets"),
+            each(lambda r: r.gets),
             digits=0,
             show_ratio=False,
         )
     )
 
-    def verified(key: str) -> tuple[float | None, str | None]:
-        r = results.get(key)
-        if r is None:
-            return None, None
-        good = sum(1 for x in r.results if x.sha256 == hex_ and x.status == 200)
-        return float(good), f"{good}/{n}"
+    def good(run: _FanOut) -> float:
+        return float(sum(1 for x in run.result.results if x.sha256 == hex_ and x.status == 200))
 
-    (dv, dvt), (rv, rvt) = verified("dist"), verified("rm")
+    verified = each(good)
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario,
             "bodies with the right sha256",
-            dv,
-            rv,
-            dist_text=dvt,
-            rm_text=rvt,
+            verified,
+            texts={k: f"{v:.0f}/{n}" for k, v in verified.items() if v is not None},
             show_ratio=False,
             target=Target(f"{n}/{n}", rm_between(n, n)),
         )
@@ -782,13 +963,13 @@ def rss(ctx: Context) -> None:
         assert side.pid is not None
         ctx.log(f"6 {n} x {_mib(size)} cached downloads: {side.label}")
         url = side.blob_url(BLOB_REPO, digest)
-        with RssMonitor(side.pid) as monitor:
+        with RssMonitor(side.pid) as monitor, ctx.profiled(side, "6 cached downloads"):
             res = ctx.attempt(
                 side,
                 f"{n} concurrent cached GETs",
                 lambda u=url: concurrent_curl(u, n, expect_size=size, hash_bodies=False),
             )
-        _peak(ctx, "6", side.key, monitor.peak_mib)
+        _peak(ctx, "6", side.key, monitor)
         if res is not None:
             for error in res.errors[:5]:
                 ctx.failures.append(f"{side.label}: cached downloads: {error}")
@@ -801,11 +982,10 @@ def rss(ctx: Context) -> None:
         return n * size / MiB / w if w else None
 
     ctx.rows.append(
-        Row(
+        peer_row(
             scenario_cached,
             "aggregate throughput, MiB/s",
-            throughput("dist"),
-            throughput("rm"),
+            {key: throughput(key) for key in walls},
             "MiB/s",
             digits=0,
         )
@@ -813,7 +993,8 @@ def rss(ctx: Context) -> None:
 
 
 def rss_rows(ctx: Context) -> None:
-    """The peak-RSS rows of every phase measured so far (5 and/or 6)."""
+    """The peak-RSS rows of every phase measured so far (idle, 5 and/or 6): the largest
+    single process (the target is per worker process) and the whole process tree."""
     n = ctx.params.clients
     phases = {
         "idle": "after start-up (idle)",
@@ -821,20 +1002,45 @@ def rss_rows(ctx: Context) -> None:
         "6": f"during {n} concurrent cached {_mib(ctx.params.rss_blob_size)} downloads",
     }
     for phase, text in phases.items():
-        peaks = ctx.rss.get(phase)
-        if not peaks:
-            continue
-        ctx.rows.append(
-            Row(
-                "6 peak RSS of the mirror process",
-                text,
-                peaks.get("dist"),
-                peaks.get("rm"),
-                "MB",
-                digits=1,
-                target=Target("≤ 80 MB", rm_at_most(80.0)),
+        largest = ctx.rss_process.get(phase)
+        if largest:
+            ctx.rows.append(
+                peer_row(
+                    "6 peak RSS, largest process (a worker)",
+                    text,
+                    dict(largest),
+                    "MB",
+                    digits=1,
+                    target=Target("≤ 80 MB per worker process", rm_at_most(80.0)),
+                )
             )
-        )
+    for phase, text in phases.items():
+        total = ctx.rss.get(phase)
+        if total:
+            ctx.rows.append(
+                peer_row(
+                    "6 peak RSS, all processes (master, workers, helpers)",
+                    text,
+                    dict(total),
+                    "MB",
+                    digits=1,
+                )
+            )
+
+
+def store_size(ctx: Context) -> None:
+    """9: the cost of a large store (bench/storesize.py, written beside this file):
+    synthetic stores of 10k / 100k / 1M blobs, start-up times and RSS."""
+    try:
+        storesize = importlib.import_module("bench.storesize")
+    except ModuleNotFoundError as e:
+        if e.name != "bench.storesize":
+            raise
+        message = "9 store-size: bench/storesize.py is not in this tree; not measured"
+        ctx.notes.append(message)
+        ctx.log(message)
+        return
+    storesize.store_size(ctx)
 
 
 SCENARIOS: dict[str, tuple[str, Callable[[Context], None]]] = {
@@ -844,4 +1050,5 @@ SCENARIOS: dict[str, tuple[str, Callable[[Context], None]]] = {
     "4": ("manifest", manifests),
     "5": ("concurrent", concurrent_cold),
     "6": ("rss", rss),
+    "9": ("store-size", store_size),
 }
