@@ -16,10 +16,6 @@ from regmirror.storage.store import Store
 class Recorder:
     def __init__(self, changed: Callable[[], object]) -> None:
         self.changed = changed
-        self.data: list[tuple[int, bytes]] = []
-
-    def fetch_data(self, offset: int, data: bytes) -> None:
-        self.data.append((offset, data))
 
     def fetch_changed(self) -> None:
         self.changed()
