@@ -30,6 +30,7 @@ from twisted.internet.defer import DeferredSemaphore
 
 from regmirror.domain.digest import Digest
 from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, FetchView, State
+from regmirror.fetch.heap import trim_heap
 from regmirror.fetch.singleflight import SingleFlight
 from regmirror.storage.store import is_disk_full
 
@@ -201,6 +202,8 @@ class LocalInFlight:
         reason = failure_reason(fetch)
         if reason is not None:
             self._failures[reason] += 1
+        if not self._fetches:
+            trim_heap()  # the last fetch's chunks: back to the system, not kept in RSS
 
     def _free_slot(self) -> None:
         if self._slots is not None:

@@ -7,9 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from regmirror.domain.digest import Digest
+from regmirror.fetch import inflight as inflight_module
 from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, State
+from regmirror.fetch.heap import trim_heap
+from regmirror.fetch.inflight import FetchLease, LocalInFlight, StartFetch
 from regmirror.storage.store import Store
 
 
@@ -134,3 +138,32 @@ def test_threaded_writer_reports_on_the_reactor_thread(store: Store) -> None:
         f(*args)  # type: ignore[operator]
         assert fetch.readable() < len(data) or fetch.verified
     assert store.blob_path(fetch.digest).read_bytes() == data
+
+
+def test_the_heap_is_trimmed_when_the_last_fetch_ends(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished download's chunks go back to the system, not kept in RSS; only once
+    no other fetch runs (the others' chunks would be needed again at once)."""
+    assert trim_heap() is True  # glibc: malloc_trim is there
+    trims: list[int] = []
+    monkeypatch.setattr(inflight_module, "trim_heap", lambda: bool(trims.append(1)) or True)
+    inflight = LocalInFlight()
+    fetches: list[BlobFetch] = []
+
+    def start(data: bytes) -> StartFetch:
+        async def go(lease: FetchLease) -> BlobFetch:
+            fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False, on_done=lease.ended)
+            lease.started(fetch)
+            fetches.append(fetch)
+            return fetch
+
+        return go
+
+    for data in (b"first", b"second"):
+        Deferred.fromCoroutine(inflight.join_or_start(Digest.of(data), start(data)))
+    assert inflight.count() == 2
+    fetches[0].write(b"first")
+    assert fetches[0].state is State.COMMITTED and trims == []  # the second still runs
+    fetches[1].write(b"second")
+    assert inflight.count() == 0 and trims == [1]
