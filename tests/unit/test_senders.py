@@ -4,8 +4,11 @@ request a small stand-in with what the senders use of ``twisted.web.server.Reque
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -24,6 +27,7 @@ from regmirror.api.senders import (
 )
 from regmirror.domain.digest import Digest
 from regmirror.fetch.blobfetch import BlobFetch, FetchFailed
+from regmirror.fetch.writers import threaded_writers
 from regmirror.mirror.sources import FollowedFetch
 from regmirror.storage.store import Store
 
@@ -229,3 +233,136 @@ def test_a_follower_without_a_plain_socket_reads_the_file(store: Store) -> None:
     fetch.write(data[-1:])
     assert request.body == data and request.finished
     assert released == [1]
+
+
+# -- with the production writer threads -------------------------------------------------
+
+
+class ThreadReactor(Clock):
+    """A clock whose ``callFromThread`` queues the call for the test thread to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: queue.SimpleQueue[tuple[Any, tuple[Any, ...]]] = queue.SimpleQueue()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.put((f, args))
+
+
+class Client:
+    """A plain-socket follower of a fetch whose writer runs in threads; ``run`` plays the
+    reactor (the writer's reports) and the client (draining the pipe, and resuming the
+    sender as the transport would once the socket is writable)."""
+
+    def __init__(self, fetch: BlobFetch, reactor: ThreadReactor, pipe: PipeSocket) -> None:
+        self.fetch, self.reactor, self.pipe = fetch, reactor, pipe
+        self.request = FakeRequest()
+        self.released: list[int] = []
+        self.sender = _sender(fetch, self.request, pipe, self.released)
+        self.sender.start()
+        self.received = b""
+
+    def run(self) -> None:
+        """Until the fetch is over and the client's answer ended (finished or cut)."""
+        deadline = time.monotonic() + 20
+        while not (self.fetch.done and (self.request.finished or self.request.aborted)):
+            assert time.monotonic() < deadline, "the fetch or its reader is stuck"
+            drained = self.pipe.drain()
+            self.received += drained
+            if self.pipe.blocked and self.request.producer is not None:
+                self.pipe.blocked = 0
+                self.sender.resumeProducing()
+            try:  # wait for the writer threads only when the client has nothing to do
+                f, args = self.reactor.calls.get(timeout=0 if drained else 0.05)
+            except queue.Empty:
+                continue
+            f(*args)
+        self.received += self.pipe.drain()
+
+
+def _threaded_fetch(
+    store: Store, data: bytes, digest: Digest | None = None
+) -> tuple[BlobFetch, ThreadReactor]:
+    reactor = ThreadReactor()
+    fetch = BlobFetch(
+        store,
+        digest or Digest.of(data),
+        len(data),
+        fsync=True,
+        writer=threaded_writers(reactor),
+    )
+    return fetch, reactor
+
+
+MiB = 1024 * 1024
+
+
+def test_threaded_writer_a_follower_gets_the_whole_verified_body(
+    store: Store, pipe: PipeSocket
+) -> None:
+    data = os.urandom(3 * MiB + 123)
+    fetch, reactor = _threaded_fetch(store, data)
+    client = Client(fetch, reactor, pipe)
+    for i in range(0, len(data), MiB):  # what BlobBody hands on: 1 MiB reads, uncopied
+        fetch.write(data[i : i + MiB])
+    client.run()
+    assert client.request.finished and not client.request.aborted
+    assert client.received == data
+    assert store.blob_path(fetch.digest).read_bytes() == data
+    assert client.released == [1]
+
+
+def test_threaded_writer_a_wrong_body_is_cut_and_not_kept(store: Store, pipe: PipeSocket) -> None:
+    data = os.urandom(3 * MiB)
+    fetch, reactor = _threaded_fetch(store, data, Digest.of(b"something else" * 1000))
+    client = Client(fetch, reactor, pipe)
+    for i in range(0, len(data), MiB):
+        fetch.write(data[i : i + MiB])
+    client.run()
+    assert fetch.failed and client.request.aborted and not client.request.finished
+    assert len(client.received) < len(data)  # a broken transfer, never a complete body
+    assert data.startswith(client.received)
+    assert list(store.tmp.iterdir()) == [] and not store.blob_path(fetch.digest).exists()
+
+
+def test_threaded_writer_disk_full_cuts_the_follower_and_keeps_nothing(
+    store: Store, pipe: PipeSocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(3 * MiB)
+    fetch, reactor = _threaded_fetch(store, data)
+    real_write, written = os.write, [0]
+
+    def write(fd: int, b: Any) -> int:
+        if fd == pipe.write_end:
+            return real_write(fd, b)
+        if written[0] >= MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, b)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(os, "write", write)
+    client = Client(fetch, reactor, pipe)
+    for i in range(0, len(data), MiB):
+        fetch.write(data[i : i + MiB])
+    client.run()
+    monkeypatch.undo()
+    assert fetch.failed and client.request.aborted and not client.request.finished
+    assert data.startswith(client.received) and len(client.received) <= MiB
+    assert list(store.tmp.iterdir()) == [] and not store.blob_path(fetch.digest).exists()
+
+
+def test_threaded_writer_upstream_cut_mid_body_cuts_the_follower(
+    store: Store, pipe: PipeSocket
+) -> None:
+    data = os.urandom(3 * MiB)
+    fetch, reactor = _threaded_fetch(store, data)
+    client = Client(fetch, reactor, pipe)
+    fetch.write(data[:MiB])
+    fetch.write(data[MiB : 2 * MiB])
+    fetch.fail(FetchFailed("the upstream connection broke"))
+    client.run()
+    assert client.request.aborted and not client.request.finished
+    assert data.startswith(client.received) and len(client.received) <= 2 * MiB
+    assert list(store.tmp.iterdir()) == [] and not store.blob_path(fetch.digest).exists()
+    assert client.released == [1]
