@@ -362,7 +362,9 @@ class _FollowsFetch(_FileSender):
         return self._fetch.failed
 
     def fetch_changed(self) -> None:
-        if not self._waiting_for_client():
+        if self._failed() and not self._done:
+            self._abort()  # at once, even if the client's side is full
+        elif not self._waiting_for_client():
             self._pump()
 
     def _close(self) -> None:

@@ -137,6 +137,14 @@ class FetchReaders:
         ``sendable``."""
         return min(self.written, self.sendable())
 
+    def _state_after_failure(self) -> State:
+        """``COMMIT_FAILED`` (readers may finish) only when the digest matched and the
+        file holds every byte; a write that failed after the hash matched (a full
+        disk) leaves readers waiting for bytes that will never come: ``FAILED``."""
+        if self.verified and self.size is not None and self.written >= self.size:
+            return State.COMMIT_FAILED
+        return State.FAILED
+
     def follow(self, follower: Follower) -> None:
         self._followers.append(follower)
 
@@ -258,8 +266,8 @@ class BlobFetch(FetchReaders):
     def fail(self, error: BaseException) -> None:
         if self.state in (State.FAILED, State.COMMIT_FAILED, State.COMMITTED):
             return
-        was_verified = self.verified
-        self.state = State.COMMIT_FAILED if was_verified else State.FAILED
+        self.state = self._state_after_failure()
+        was_verified = self.state is State.COMMIT_FAILED
         self.error = error
         if isinstance(error, DigestMismatch):
             log.error("{digest}: {error}; discarded", digest=str(self.digest), error=str(error))

@@ -127,11 +127,9 @@ class RemoteFetch(FetchReaders):
     def fail(self, error: BaseException) -> None:
         if self.state in (State.FAILED, State.COMMITTED):
             return
-        if self.verified:
-            # Verified before: the bytes on disk are right; readers may finish.
-            self.state = State.COMMIT_FAILED
-        else:
-            self.state = State.FAILED
+        # Verified before and written in full: the bytes on disk are right; readers
+        # may finish. Otherwise they must abort.
+        self.state = self._state_after_failure()
         self.error = error
         log.warn("{digest}: {error}", digest=str(self.digest), error=str(error))
         self._notify()

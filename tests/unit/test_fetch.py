@@ -194,3 +194,51 @@ def test_tuned_heap_serves_blob_buffers_from_pages_it_has() -> None:
     )
     first, *later = (int(n) for n in done.stdout.split())
     assert first > 0 and later == [0, 0, 0], done.stdout
+
+
+class ManualWriter:
+    """A writer that does nothing by itself: the test plays its reports."""
+
+    def __init__(
+        self, fd: int, hasher: object, size: int | None, fsync: bool, events: object
+    ) -> None:
+        os.close(fd)
+
+    def put(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def test_a_write_that_fails_after_the_hash_matched_fails_the_readers(store: Store) -> None:
+    """The hash thread may finish before the disk writer: if the disk then fills up, the
+    file lacks bytes that will never come, so readers must abort (not wait for them)."""
+    import errno
+
+    data = b"0123456789"
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False, writer=ManualWriter)
+    fetch.write(data)
+    fetch.on_progress(4, 10)
+    fetch.on_hashed(10, Digest.of(data).hex)
+    assert fetch.verified and fetch.readable() == 4
+    fetch.on_write_failed(OSError(errno.ENOSPC, "No space left on device"))
+    assert fetch.failed and fetch.state is State.FAILED
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_a_commit_that_fails_after_a_complete_write_lets_readers_finish(store: Store) -> None:
+    data = b"0123456789"
+    fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False, writer=ManualWriter)
+    fetch.write(data)
+    fetch.on_progress(10, 10)
+    fetch.on_hashed(10, Digest.of(data).hex)
+    fetch.on_write_failed(OSError(5, "Input/output error"))  # the fsync
+    assert fetch.state is State.COMMIT_FAILED and not fetch.failed
+    assert fetch.readable() == 10

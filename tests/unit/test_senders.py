@@ -366,3 +366,20 @@ def test_threaded_writer_upstream_cut_mid_body_cuts_the_follower(
     assert data.startswith(client.received) and len(client.received) <= 2 * MiB
     assert list(store.tmp.iterdir()) == [] and not store.blob_path(fetch.digest).exists()
     assert client.released == [1]
+
+
+def test_a_follower_whose_socket_is_full_is_cut_as_soon_as_the_fetch_fails(
+    store: Store,
+) -> None:
+    pipe = PipeSocket(capacity=4096)
+    try:
+        data = os.urandom(64 * 1024)
+        fetch = BlobFetch(store, Digest.of(data), len(data), fsync=False)
+        request, released = FakeRequest(), []
+        _sender(fetch, request, pipe, released).start()
+        fetch.write(data[: 32 * 1024])
+        assert pipe.blocked == 1 and not request.aborted  # the client reads nothing
+        fetch.fail(FetchFailed("the upstream connection broke"))
+        assert request.aborted and released == [1]  # not when the socket drains
+    finally:
+        pipe.close()
