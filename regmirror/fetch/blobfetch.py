@@ -33,7 +33,9 @@ from regmirror.storage.store import Store, is_disk_full
 log = get_logger()
 
 # Pause the upstream when this much has arrived but is not on disk yet; resume below LOW.
-HIGH_WATER = 8 * 1024 * 1024
+# Six 1 MiB reads in flight absorb the writer threads' scheduling delays; each more MiB
+# is a MiB of RSS per fetch (the peak of a cold 256 MiB GET: ~12 MB above idle at 8).
+HIGH_WATER = 6 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
 
 

@@ -162,13 +162,19 @@ def test_the_heap_is_trimmed_when_the_last_fetch_ends(
 
         return go
 
-    for data in (b"first", b"second"):
+    monkeypatch.setattr(inflight_module, "TRIM_AFTER", 5)
+    for data in (b"large", b"smal", b"tiny"):
         Deferred.fromCoroutine(inflight.join_or_start(Digest.of(data), start(data)))
-    assert inflight.count() == 2
-    fetches[0].write(b"first")
-    assert fetches[0].state is State.COMMITTED and trims == []  # the second still runs
-    fetches[1].write(b"second")
-    assert inflight.count() == 0 and trims == [1]
+    assert inflight.count() == 3
+    fetches[0].write(b"large")
+    assert fetches[0].state is State.COMMITTED and trims == []  # the others still run
+    fetches[1].write(b"smal")
+    assert trims == []
+    fetches[2].write(b"tiny")
+    assert inflight.count() == 0 and trims == [1]  # the large one's, once all ended
+    Deferred.fromCoroutine(inflight.join_or_start(Digest.of(b"next"), start(b"next")))
+    fetches[3].write(b"next")
+    assert trims == [1]  # a small fetch alone leaves nothing worth trimming
 
 
 _HEAP_PROBE = """
