@@ -6,9 +6,10 @@ the sender for where the bytes come from (a ``BlobSource``):
 
 - ``SendfileSender``: a committed file to a plain TCP socket, zero-copy (``os.sendfile``);
 - ``PreadSender``: a committed file read in bounded chunks (TLS, or no plain socket);
-- ``FollowingSender``: a fetch in flight, its bytes sent from memory while the reader
-  keeps up and from the growing temporary file once it falls behind, never past what
-  the fetch says is sendable (the last byte waits for the digest);
+- ``FollowingSendfileSender`` / ``FollowingSender``: a fetch in flight, sent from its
+  growing temporary file as the writer puts bytes on disk (zero-copy to a plain TCP
+  socket, ``pread`` otherwise), never past what the fetch says is sendable (the last
+  byte waits for the digest);
 - ``PassThroughSender``: an upstream body too large to cache, to one client, verified
   as it goes by.
 
@@ -108,9 +109,11 @@ def make_sender(
         release()
         raise
     span = FileSpan(fd, wanted.start, wanted.stop, release)
-    if fetch is not None:
-        return FollowingSender(request, span, streaming, fetch)
     socket = streaming.zero_copy(request) if SENDFILE else None
+    if fetch is not None:
+        if socket is not None:
+            return FollowingSendfileSender(request, span, streaming, socket, fetch)
+        return FollowingSender(request, span, streaming, fetch)
     if socket is not None:
         return SendfileSender(request, span, streaming, socket)
     return PreadSender(request, span, streaming)
@@ -172,6 +175,10 @@ class _FileSender:
     def _pump(self) -> None:
         raise NotImplementedError
 
+    def _waiting_for_client(self) -> bool:
+        """The client's side is full: its transport resumes this sender."""
+        raise NotImplementedError
+
     # -- IPushProducer ---------------------------------------------------------------
 
     def pauseProducing(self) -> None:
@@ -213,12 +220,15 @@ class _FileSender:
 class PreadSender(_FileSender):
     """A committed file, read ``CHUNK`` bytes at a time (``os.pread``)."""
 
-    def _readable(self) -> int:
+    def _limit(self) -> int:
         """Where reading stops for now."""
         return self._end
 
     def _failed(self) -> bool:
         return False
+
+    def _waiting_for_client(self) -> bool:
+        return self._paused
 
     def _pump(self) -> None:
         if self._pumping or self._done:
@@ -232,9 +242,9 @@ class PreadSender(_FileSender):
                 if self._offset >= self._end:
                     self._complete()
                     return
-                limit = self._readable()
+                limit = self._limit()
                 if self._offset >= limit:
-                    return  # fetch_data or fetch_changed wakes us
+                    return  # fetch_changed wakes us
                 assert self._fd is not None
                 data = os.pread(self._fd, min(CHUNK, limit - self._offset), self._offset)
                 if not data:
@@ -250,46 +260,6 @@ class PreadSender(_FileSender):
             self._pumping = False
 
 
-class FollowingSender(PreadSender):
-    """A fetch in flight (a ``Follower`` of it): the bytes it receives are sent straight
-    from memory while this reader is exactly there and not paused (``fetch_data``); a
-    reader that fell behind reads the temporary file. Never sends past what the fetch
-    says is sendable; aborts the connection if the fetch fails."""
-
-    def __init__(
-        self, request: Request, span: FileSpan, streaming: Streaming, fetch: FetchView
-    ) -> None:
-        super().__init__(request, span, streaming)
-        self._fetch = fetch
-
-    def _begin(self) -> None:
-        self._fetch.follow(self)
-
-    def _readable(self) -> int:
-        return min(self._end, self._fetch.readable())
-
-    def _failed(self) -> bool:
-        return self._fetch.failed
-
-    def fetch_data(self, offset: int, data: bytes) -> None:
-        if self._paused or self._pumping or self._done or offset != self._offset:
-            return  # behind (or paused): the file catches this reader up later
-        n = min(len(data), min(self._end, self._fetch.sendable()) - offset)
-        if n <= 0:
-            return
-        self._offset += n
-        self._request.write(data if n == len(data) else data[:n])
-
-    def fetch_changed(self) -> None:
-        if not self._paused:
-            self._pump()
-
-    def _close(self) -> None:
-        self._done = True
-        self._fetch.unfollow(self)
-        super()._close()
-
-
 class SendfileSender(_FileSender):
     """A committed file, zero-copy from the page cache to a plain TCP socket."""
 
@@ -298,19 +268,49 @@ class SendfileSender(_FileSender):
     ) -> None:
         super().__init__(request, span, streaming)
         self._socket = socket
+        self._blocked = False  # the socket is full: the transport resumes us
 
     def _begin(self) -> None:
         self._request.write(b"")  # the headers
 
+    def _limit(self) -> int:
+        """Where sending stops for now."""
+        return self._end
+
+    def _failed(self) -> bool:
+        return False
+
+    def _waiting_for_client(self) -> bool:
+        return self._blocked
+
+    def resumeProducing(self) -> None:
+        self._blocked = False
+        super().resumeProducing()
+
     def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._send()
+        finally:
+            self._pumping = False
+
+    def _send(self) -> None:
         """Twisted's buffer must be empty first (the headers); when the socket is full,
         ask the transport to tell us (through the HTTP channel's resumeProducing) once
         it is writable again."""
         socket = self._socket
         while not self._done:
+            if self._failed():
+                self._abort()
+                return
             if self._offset >= self._end:
                 self._complete()
                 return
+            limit = self._limit()
+            if self._offset >= limit:
+                return  # fetch_changed wakes us
             if socket.holds_data():
                 self._when_writable()
                 return
@@ -320,7 +320,7 @@ class SendfileSender(_FileSender):
                     socket.fileno(),
                     self._fd,
                     self._offset,
-                    min(SENDFILE_MAX, self._end - self._offset),
+                    min(SENDFILE_MAX, limit - self._offset),
                 )
             except BlockingIOError:
                 sent = 0
@@ -328,7 +328,7 @@ class SendfileSender(_FileSender):
                 self._abort()
                 return
             if sent == 0:
-                if self._offset < self._end and os.fstat(self._fd).st_size <= self._offset:
+                if os.fstat(self._fd).st_size <= self._offset:
                     log.error("blob file shorter than expected; aborting the transfer")
                     self._abort()
                     return
@@ -338,8 +338,64 @@ class SendfileSender(_FileSender):
             self._request.sentLength += sent
 
     def _when_writable(self) -> None:
+        self._blocked = True
         self._stall.paused()
         self._socket.when_writable()
+
+
+class _FollowsFetch(_FileSender):
+    """What a sender of a fetch in flight adds to its file mode (a ``Follower``): it
+    reads only what the fetch says is on disk and sendable (never the last byte before
+    the digest matched), is woken as that grows, and aborts the connection if the
+    fetch fails."""
+
+    _fetch: FetchView
+
+    def _begin(self) -> None:
+        self._fetch.follow(self)
+        super()._begin()
+
+    def _limit(self) -> int:
+        return min(self._end, self._fetch.readable())
+
+    def _failed(self) -> bool:
+        return self._fetch.failed
+
+    def fetch_changed(self) -> None:
+        if self._failed() and not self._done:
+            self._abort()  # at once, even if the client's side is full
+        elif not self._waiting_for_client():
+            self._pump()
+
+    def _close(self) -> None:
+        self._done = True
+        self._fetch.unfollow(self)
+        super()._close()
+
+
+class FollowingSender(_FollowsFetch, PreadSender):
+    """A fetch in flight, ``pread`` from its temporary file (TLS, or no plain socket)."""
+
+    def __init__(
+        self, request: Request, span: FileSpan, streaming: Streaming, fetch: FetchView
+    ) -> None:
+        super().__init__(request, span, streaming)
+        self._fetch = fetch
+
+
+class FollowingSendfileSender(_FollowsFetch, SendfileSender):
+    """A fetch in flight, zero-copy from its temporary file to a plain TCP socket."""
+
+    def __init__(
+        self,
+        request: Request,
+        span: FileSpan,
+        streaming: Streaming,
+        socket: ZeroCopySocket,
+        fetch: FetchView,
+    ) -> None:
+        super().__init__(request, span, streaming, socket)
+        self._fetch = fetch
 
 
 class PassThroughSender(BodyProtocol):

@@ -27,6 +27,7 @@ from regmirror.expiry.ledger import Ledger
 from regmirror.expiry.purge import Purger
 from regmirror.expiry.reaper import Reaper
 from regmirror.expiry.usage import Usage
+from regmirror.fetch.heap import tune_heap
 from regmirror.fetch.inflight import InFlight, LocalInFlight
 from regmirror.fetch.writers import threaded_writers
 from regmirror.http.internals import read_more_at_once
@@ -78,6 +79,7 @@ def build(
     """The service tree of a mirror for a configuration (the reactor injected); a
     worker of ``regmirror.workers`` says which one it is and serves on the socket it
     ``inherited``."""
+    tune_heap()  # glibc's thresholds for blob-sized buffers (regmirror.fetch.heap)
     logs.set_level(config.log_level)
     cluster = config.cluster
     replica = replica_name(config, worker) if cluster is not None else ""

@@ -30,10 +30,12 @@ from twisted.internet.defer import DeferredSemaphore
 
 from regmirror.domain.digest import Digest
 from regmirror.fetch.blobfetch import BlobFetch, DigestMismatch, FetchView, State
+from regmirror.fetch.heap import trim_heap
 from regmirror.fetch.singleflight import SingleFlight
 from regmirror.storage.store import is_disk_full
 
 FailureReason = Literal["digest", "disk", "upstream"]
+TRIM_AFTER = 4 * 1024 * 1024  # a fetch this large leaves free heap worth giving back
 Release = Callable[[], None]
 
 
@@ -135,6 +137,7 @@ class LocalInFlight:
         self._starting: SingleFlight[FetchView] = SingleFlight()
         self._readers: Counter[Digest] = Counter()
         self._failures: Counter[FailureReason] = Counter()
+        self._trim_due = False
 
     def fetch(self, digest: Digest) -> FetchView | None:
         return self._fetches.get(digest)
@@ -201,6 +204,12 @@ class LocalInFlight:
         reason = failure_reason(fetch)
         if reason is not None:
             self._failures[reason] += 1
+        self._trim_due = self._trim_due or fetch.received >= TRIM_AFTER
+        if self._trim_due and not self._fetches:
+            # The chunks of the large fetches that ran: back to the system, not kept in
+            # RSS (not after every small one: nothing to give back).
+            self._trim_due = False
+            trim_heap()
 
     def _free_slot(self) -> None:
         if self._slots is not None:

@@ -131,9 +131,6 @@ class RedisLease:
 
     # -- the fetch's Follower side: its progress, reported ---------------------------
 
-    def fetch_data(self, offset: int, data: bytes) -> None:
-        pass
-
     def fetch_changed(self) -> None:
         fetch = self._fetch
         if fetch is None or self._ended:

@@ -24,10 +24,9 @@ import os
 from pathlib import Path
 
 import attrs
-from twisted.internet.defer import Deferred
 
 from regmirror.domain.digest import Digest
-from regmirror.fetch.blobfetch import FetchFailed, Follower, State
+from regmirror.fetch.blobfetch import FetchFailed, FetchReaders, State
 from regmirror.logs import get_logger
 from regmirror.storage.store import Store
 
@@ -57,12 +56,13 @@ class HolderGone(FetchFailed):
     """The replica running the fetch stopped before committing it."""
 
 
-class RemoteFetch:
+class RemoteFetch(FetchReaders):
     """The readers' side of a fetch run by ``holder`` into ``path`` (shared store)."""
 
     def __init__(
         self, store: Store, digest: Digest, holder: str, path: Path, progress: Progress
     ) -> None:
+        super().__init__()
         self._store = store
         self.digest = digest
         self.holder = holder
@@ -72,8 +72,6 @@ class RemoteFetch:
         self.received = 0
         self.state = State.RUNNING
         self.error: BaseException | None = None
-        self._followers: list[Follower] = []
-        self._committed: list[Deferred[None]] = []
         self.moved = 0.0  # when it last moved (the owner's clock), for the stall check
         self.update(progress)
 
@@ -129,11 +127,9 @@ class RemoteFetch:
     def fail(self, error: BaseException) -> None:
         if self.state in (State.FAILED, State.COMMITTED):
             return
-        if self.verified:
-            # Verified before: the bytes on disk are right; readers may finish.
-            self.state = State.COMMIT_FAILED
-        else:
-            self.state = State.FAILED
+        # Verified before and written in full: the bytes on disk are right; readers
+        # may finish. Otherwise they must abort.
+        self.state = self._state_after_failure()
         self.error = error
         log.warn("{digest}: {error}", digest=str(self.digest), error=str(error))
         self._notify()
@@ -145,68 +141,3 @@ class RemoteFetch:
             self.written = self.received = self.size
         self._notify()
         self._resolve()
-
-    # -- the readers' side (FetchView) -----------------------------------------------
-
-    @property
-    def verified(self) -> bool:
-        return self.state in (State.VERIFIED, State.COMMITTED, State.COMMIT_FAILED)
-
-    @property
-    def failed(self) -> bool:
-        return self.state is State.FAILED
-
-    @property
-    def done(self) -> bool:
-        """Nothing will change any more."""
-        return self.state in (State.FAILED, State.COMMITTED, State.COMMIT_FAILED)
-
-    def sendable(self) -> int:
-        if self.verified and self.size is not None:
-            return self.size
-        if self.state is State.FAILED or self.size is None:
-            return 0
-        return self.size - 1
-
-    def readable(self) -> int:
-        return min(self.written, self.sendable())
-
-    def follow(self, follower: Follower) -> None:
-        self._followers.append(follower)
-
-    def unfollow(self, follower: Follower) -> None:
-        try:
-            self._followers.remove(follower)
-        except ValueError:
-            pass
-
-    def when_committed(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self.state is State.COMMITTED:
-            d.callback(None)
-        elif self.done:
-            d.errback(self.error or FetchFailed("failed"))
-        else:
-            self._committed.append(d)
-        return d
-
-    def open_reader(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return os.open(self._store.blob_path(self.digest), os.O_RDONLY | os.O_CLOEXEC)
-
-    def _notify(self) -> None:
-        for follower in list(self._followers):
-            try:
-                follower.fetch_changed()
-            except Exception:
-                log.failure("a blob reader failed")
-
-    def _resolve(self) -> None:
-        waiters, self._committed = self._committed, []
-        for d in waiters:
-            if self.state is State.COMMITTED:
-                d.callback(None)
-            else:
-                d.errback(self.error or FetchFailed("failed"))
