@@ -1,0 +1,46 @@
+"""What the fault suite watches in a running mirror: open fds, RSS, its /metrics.
+
+``fd_count`` and ``rss_mb`` read ``/proc/PID``; ``metric`` reads one sample of the
+mirror's Prometheus text (``regmirror_fetches_in_flight``...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from tests.support.rawhttp import request
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    """The value of ``name{labels}`` (``labels`` as in the exposition, e.g.
+    ``upstream="x"``; empty: the sample without labels, or the sum of all samples)."""
+    resp = request(base_url, "GET", "/metrics", timeout=10)
+    if resp.status != 200:
+        raise AssertionError(f"/metrics answered {resp.status}")
+    total = 0.0
+    found = False
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$")
+    for line in resp.body.decode().splitlines():
+        match = pattern.match(line)
+        if match is None:
+            continue
+        if labels and labels not in (match.group(1) or ""):
+            continue
+        total += float(match.group(2))
+        found = True
+    if not found:
+        raise AssertionError(f"no sample {name}{{{labels}}} in /metrics")
+    return total
