@@ -24,9 +24,10 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def metric(base_url: str, name: str, labels: str = "") -> float:
+def metric(base_url: str, name: str, labels: str = "", default: float | None = None) -> float:
     """The value of ``name{labels}`` (``labels`` as in the exposition, e.g.
-    ``upstream="x"``; empty: the sample without labels, or the sum of all samples)."""
+    ``upstream="x"``; empty: the sample without labels, or the sum of all samples).
+    Without such a sample: ``default``, or an AssertionError if it is ``None``."""
     resp = request(base_url, "GET", "/metrics", timeout=10)
     if resp.status != 200:
         raise AssertionError(f"/metrics answered {resp.status}")
@@ -42,5 +43,7 @@ def metric(base_url: str, name: str, labels: str = "") -> float:
         total += float(match.group(2))
         found = True
     if not found:
+        if default is not None:
+            return default
         raise AssertionError(f"no sample {name}{{{labels}}} in /metrics")
     return total

@@ -369,9 +369,10 @@ class FaultProxy:
     async def _drip(self, writer: asyncio.StreamWriter, data: bytes, rate: float) -> None:
         piece = max(1, int(rate / 10))
         for i in range(0, len(data), piece):
-            writer.write(data[i : i + piece])
+            part = data[i : i + piece]
+            writer.write(part)
             await writer.drain()
-            await asyncio.sleep(piece / rate)  # the drip's pace, not a wait for something
+            await asyncio.sleep(len(part) / rate)  # the drip's pace, not a wait for something
 
 
 def _content_length(lines: list[str]) -> int:
