@@ -265,8 +265,16 @@ class FollowingSender(PreadSender):
     def _begin(self) -> None:
         self._fetch.follow(self)
 
+    def _hold(self, limit: int) -> int:
+        """The span's last byte waits for the digest, as the blob's last byte does: a
+        ``Range`` answer that ends before the blob must not look complete with bytes
+        that may still turn out wrong."""
+        if limit >= self._end and not self._fetch.verified:
+            return self._end - 1
+        return limit
+
     def _readable(self) -> int:
-        return min(self._end, self._fetch.readable())
+        return self._hold(min(self._end, self._fetch.readable()))
 
     def _failed(self) -> bool:
         return self._fetch.failed
@@ -274,7 +282,7 @@ class FollowingSender(PreadSender):
     def fetch_data(self, offset: int, data: bytes) -> None:
         if self._paused or self._pumping or self._done or offset != self._offset:
             return  # behind (or paused): the file catches this reader up later
-        n = min(len(data), min(self._end, self._fetch.sendable()) - offset)
+        n = min(len(data), self._hold(min(self._end, self._fetch.sendable())) - offset)
         if n <= 0:
             return
         self._offset += n
