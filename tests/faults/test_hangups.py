@@ -97,7 +97,7 @@ def test_clients_hanging_up_at_random_points_leak_nothing_and_cancel_no_fetch(
         describe=lambda: mirror.log_tail(20),
     )
     fds = poll_until(
-        lambda: (n := fd_count(mirror.pid)) <= baseline_fds and n or None,  # type: ignore[arg-type]
+        lambda: ((n := fd_count(mirror.pid)) <= baseline_fds and n) or None,  # type: ignore[arg-type]
         20,
         what=f"the mirror's open fds back to the baseline of {baseline_fds}",
         describe=lambda: f"{fd_count(mirror.pid)} open: {sorted(fd_links(mirror.pid))}",  # type: ignore[arg-type]
@@ -140,4 +140,3 @@ def test_clients_hanging_up_at_random_points_leak_nothing_and_cancel_no_fetch(
             seconds=round(time.monotonic() - started, 1),
         )
     )
-

@@ -113,7 +113,7 @@ def test_soak_of_mixed_requests_verifies_every_body_with_stable_rss_and_fds(
     assert not tally.unexpected, tally.unexpected
     poll_until(lambda: quiet(mirror), 20, what="a quiet mirror after the soak")
     fds_after = poll_until(
-        lambda: (n := fd_count(pid)) <= fds_before + 2 and n or None,
+        lambda: ((n := fd_count(pid)) <= fds_before + 2 and n) or None,
         20,
         what=f"open fds back near {fds_before}",
         describe=lambda: f"{fd_count(pid)}: {fd_links(pid)}",

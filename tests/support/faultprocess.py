@@ -1,13 +1,18 @@
 """What the fault suite watches in a running mirror: open fds, RSS, its /metrics.
 
 ``fd_count`` and ``rss_mb`` read ``/proc/PID``; ``metric`` reads one sample of the
-mirror's Prometheus text (``regmirror_fetches_in_flight``...).
+mirror's Prometheus text (``regmirror_fetches_in_flight``...); ``admin_purge`` removes a blob as
+``regmirror purge`` does.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
+import socket
+from pathlib import Path
 
 from tests.support.rawhttp import request
 
@@ -58,3 +63,30 @@ def metric(base_url: str, name: str, labels: str = "", default: float | None = N
             return default
         raise AssertionError(f"no sample {name}{{{labels}}} in /metrics")
     return total
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+def admin_purge(store_root: Path, digest: str, timeout: float = 10.0) -> int:
+    """``POST /purge {"digest": ...}`` on a running mirror's admin socket
+    (``ROOT/_state/admin.sock``): what ``regmirror purge DIGEST`` does, without the
+    start-up of a CLI process. Returns the status (200 purged, 404 nothing, 409 busy)."""
+    conn = _UnixHTTPConnection(str(store_root / "_state" / "admin.sock"), timeout)
+    try:
+        body = json.dumps({"digest": digest}).encode()
+        conn.request("POST", "/purge", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
