@@ -27,7 +27,7 @@ def test_kill_9_during_cold_fetches_keeps_only_verified_blobs_and_serves_them_af
     fault_proxy: FaultProxy, start_mirror: StartMirror, blobs: Blobs
 ) -> None:
     started = time.monotonic()
-    rounds = scale(20, 100)
+    rounds = scale(20, 60)
     rng = random.Random(f"kill9-{time.time_ns()}")
     size = 512 * KiB
     mirror = start_mirror()

@@ -2,7 +2,7 @@
 
 Hits (cached blobs), misses (blobs not fetched yet, and digests upstream does not
 have), HEADs, Range requests and bad requests (invalid digests and names, pushes),
-from 120 concurrent clients for ``scale(20, 150)`` seconds. Every full body is
+from 120 concurrent clients for ``scale(20, 120)`` seconds. Every full body is
 verified by the client; every error must carry the spec's JSON body with the status
 its request deserves. Before and after (quiet): the mirror's RSS and open fds, whose
 drift is reported and bounded.
@@ -34,7 +34,7 @@ def quiet(mirror: Mirror) -> bool:
 def test_soak_of_mixed_requests_verifies_every_body_with_stable_rss_and_fds(
     fault_proxy: FaultProxy, start_mirror: StartMirror, blobs: Blobs
 ) -> None:
-    seconds = scale(20, 150)
+    seconds = scale(20, 120)
     rng = random.Random(f"soak-{time.time_ns()}")
     name, hot = blobs(8, 256 * KiB)
     cold_name, cold = blobs(scale(60, 400), 128 * KiB)
