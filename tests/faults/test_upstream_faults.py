@@ -25,7 +25,7 @@ import pytest
 from tests.faults.conftest import Blobs, StartMirror, check_store, crashed
 from tests.faults.figures import Figures, record, scale
 from tests.support.faultclient import Checker, Outcome
-from tests.support.faultprocess import metric
+from tests.support.faultprocess import fd_count, fd_links, metric
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import Blob
 from tests.support.mirror import Mirror
@@ -96,6 +96,10 @@ def test_upstream_fault_serves_only_verified_bytes_and_recovers(
 
     assert asyncio.run(first()).kind == "verified"
     poll_until(lambda: mirror.has_blob(cached.digest), 10, what="the first blob committed")
+    wait_quiet(mirror, "before the fault")
+    pid = mirror.pid
+    assert pid is not None
+    baseline_fds = fd_count(pid, ignore_peer_port=fault_proxy.port)
 
     fault_proxy.set_fault(case.fault, **case.options)
     rounds = scale(2, 5)
@@ -164,6 +168,14 @@ def test_upstream_fault_serves_only_verified_bytes_and_recovers(
     wait_quiet(mirror, "after healing")
     for blob in made:
         assert mirror.blob_sha256(blob.digest) == blob.digest
+    fds = poll_until(
+        lambda: (
+            ((n := fd_count(pid, ignore_peer_port=fault_proxy.port)) <= baseline_fds and n) or None
+        ),
+        15,
+        what=f"the mirror's open fds (but idle upstream connections) back to {baseline_fds}",
+        describe=lambda: f"{fd_count(pid)}: {fd_links(pid)}",
+    )
     fetched = {b.digest: fault_proxy.count("GET", b.digest) - before[b.digest] for b in cold}
     assert all(n >= 1 for n in fetched.values()), fetched
     lost = 0 if mirror.blob_sha256(cached.digest) == cached.digest else cached.size
@@ -179,6 +191,7 @@ def test_upstream_fault_serves_only_verified_bytes_and_recovers(
             unverified_bytes_served=tally.unverified_bytes_served,
             verified_bytes_lost=lost,
             crashes=crashes,
+            fd_drift=fds - baseline_fds,
             duplicate_upstream_fetches=sum(n - 1 for n in fetched.values()),
             notes=f"{len(cold)} cold blobs of {size // KiB} KiB x {rounds} rounds; "
             + ", ".join(f"{k} {n}" for k, n in sorted(tally.kinds.items())),

@@ -17,8 +17,30 @@ from pathlib import Path
 from tests.support.rawhttp import request
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def fd_count(pid: int, *, ignore_peer_port: int | None = None) -> int:
+    """Open fds of ``pid``; with ``ignore_peer_port``, not counting TCP sockets connected
+    to that port (the idle keep-alive connections of a pool to the upstream)."""
+    names = fd_links(pid)
+    if ignore_peer_port is None:
+        return len(names)
+    pooled = {f"socket:[{inode}]" for inode in _inodes_to(pid, ignore_peer_port)}
+    return sum(1 for name in names if name not in pooled)
+
+
+def _inodes_to(pid: int, port: int) -> set[str]:
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                    if remote_port == port:
+                        inodes.add(fields[9])
+        except FileNotFoundError:
+            pass
+    return inodes
 
 
 def fd_links(pid: int) -> list[str]:
