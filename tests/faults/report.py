@@ -70,9 +70,13 @@ served**. After each fault the store is checked: every file under `blobs/` hashe
 its name, what was committed before is still there (else **verified bytes lost**),
 nothing is left in `_tmp`, no fetch is in flight (`/metrics`). **Crashes** count mirror
 processes that died without being killed by the test. **fd drift** and **RSS drift**
-compare the mirror's `/proc/PID` before and after (once quiet); **duplicate upstream
-fetches** count upstream GETs of a blob beyond the first while it was fetchable. Each
-test asserts the zeros itself: these tables are what the assertions saw.
+compare the mirror's `/proc/PID` before and after, once quiet (for the upstream
+faults, idle keep-alive connections to the upstream are not counted; the tests poll
+until the count is back at the baseline, so a negative drift is a descriptor that was
+open at the baseline and closed since). **Duplicate upstream fetches** count upstream
+GETs of a blob beyond the first once it was fetchable (after an upstream fault:
+once healed). Each test asserts the zeros itself: these tables are what the
+assertions saw. `seconds` is wall time on a 2-core machine shared with other work.
 
 The short version of every test runs in CI (`make test`); the figures below are from
 the long run, `make faults` (`REGMIRROR_FAULTS_LONG=1`: more rounds, clients, seconds).

@@ -80,7 +80,7 @@ def wait_quiet(mirror: Mirror, what: str) -> None:
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-") for c in CASES])
 def test_upstream_fault_serves_only_verified_bytes_and_recovers(
     case: Case, fault_proxy: FaultProxy, start_mirror: StartMirror, blobs: Blobs
 ) -> None:
