@@ -16,19 +16,22 @@ classifies every answer; what must hold:
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Blobs, StartMirror, check_store, crashed
+from tests.faults.conftest import FAST, Blobs, StartMirror, check_store, crashed
 from tests.faults.figures import Figures, record, scale
 from tests.support.faultclient import Checker, Outcome
 from tests.support.faultprocess import fd_count, fd_links, metric
 from tests.support.faultproxy import Fault, FaultProxy
-from tests.support.images import Blob
+from tests.support.images import Blob, make_blob, push_blob
 from tests.support.mirror import Mirror
+from tests.support.upstream import UpstreamRegistry
 from tests.support.wait import poll_until
 
 KiB = 1024
@@ -260,3 +263,96 @@ def test_slow_drip_upstream_feeds_every_waiting_client_from_one_fetch(
             seconds=round(elapsed, 1),
         )
     )
+
+
+def test_the_upstream_registry_killed_mid_blob_then_restarted(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The real thing rather than the proxy's imitation: docker-registry itself gets
+    SIGKILL while blobs stream (dripped, so that they are mid-way), and comes back
+    on the same port with the same storage."""
+    started = time.monotonic()
+    registry = UpstreamRegistry(tmp_path / "upstream")
+    registry.start()
+    proxy = FaultProxy(registry.url)
+    proxy.start()
+    mirror = Mirror(
+        tmp_path_factory.mktemp("fault-mirror"), proxy.url, extra=FAST, log_level="info"
+    )
+    try:
+        name = "faults/killed/registry"
+        # Larger than what the kernel buffers between the registry and the proxy, so
+        # that most of each blob is still in the registry when it dies.
+        size = scale(8, 32) * MiB
+        made = [make_blob(f"{name}#{time.time_ns()}.{i}", size) for i in range(4)]
+        for blob in made:
+            push_blob(registry.url, name, blob)
+        cached, cold = made[0], made[1:]
+        mirror.start()
+        checker = Checker(mirror.url, timeout=30)
+
+        async def one(blob: Blob) -> Outcome:
+            return await checker.get(blob_target(name, blob), blob.data)
+
+        assert asyncio.run(one(cached)).kind == "verified"
+        proxy.set_fault(Fault.DRIP, rate=512 * KiB)
+        outcomes: list[Outcome] = []
+
+        async def cold_gets() -> None:
+            outcomes.extend(await asyncio.gather(*(one(b) for b in cold for _ in range(2))))
+
+        clients = threading.Thread(target=asyncio.run, args=(cold_gets(),))
+        clients.start()
+        poll_until(
+            lambda: sum(p.stat().st_size for p in mirror.tmp_files()) > 256 * KiB,
+            15,
+            what="cold fetches mid-way",
+        )
+        registry.kill9()
+        proxy.heal()  # what the registry had sent before it died flows on, then stops
+        clients.join(30)
+        assert not clients.is_alive()
+        assert all(o.kind in ("broken", "error") for o in outcomes), outcomes
+        # Down: the cached blob is served; a miss is a clean error.
+        assert asyncio.run(one(cached)).kind == "verified"
+        down = asyncio.run(one(cold[0]))
+        assert down.kind == "error" and down.status in (502, 503, 504), down
+        wait_quiet(mirror, "with the upstream dead")
+        assert not any(mirror.has_blob(b.digest) for b in cold)
+        assert check_store(mirror) == []
+
+        before = {b.digest: proxy.count("GET", b.digest) for b in cold}
+        registry.start()  # same port, same storage
+        healed = asyncio.run(_gather(one(b) for b in made))
+        assert all(o.kind == "verified" for o in healed), healed
+        wait_quiet(mirror, "after the upstream came back")
+        for blob in made:
+            assert mirror.blob_sha256(blob.digest) == blob.digest
+        assert checker.tally.unverified_bytes_served == 0, checker.tally.unexpected
+        assert not checker.tally.unexpected, checker.tally.unexpected
+        crashes = crashed(mirror)
+        assert crashes == 0
+        duplicates = sum(max(0, proxy.count("GET", b.digest) - before[b.digest] - 1) for b in cold)
+    finally:
+        mirror.stop()
+        proxy.stop()
+        registry.stop()
+    record(
+        Figures(
+            group="single node",
+            fault="docker-registry killed -9 mid-blob, then restarted",
+            requests=checker.tally.requests,
+            bodies_verified=checker.tally.verified,
+            unverified_bytes_served=checker.tally.unverified_bytes_served,
+            verified_bytes_lost=0,
+            crashes=crashes,
+            duplicate_upstream_fetches=duplicates,
+            notes=f"{len(cold)} cold blobs of {size // MiB} MiB, 2 clients each, dripped at "
+            "512 KiB/s; " + ", ".join(f"{k} {n}" for k, n in sorted(checker.tally.kinds.items())),
+            seconds=round(time.monotonic() - started, 1),
+        )
+    )
+
+
+async def _gather(jobs: Any) -> list[Outcome]:
+    return list(await asyncio.gather(*jobs))

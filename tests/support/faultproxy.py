@@ -15,7 +15,8 @@ default: blob GETs and HEADs; ``""``: every request); the others pass unchanged.
 ``TRUNCATE``   ``Content-Length`` rewritten to ``after`` and only that many bytes sent: a
                short body that looks complete
 ``WRONG``      same length, but every byte from ``after`` on is inverted: wrong bytes
-``DRIP``       the body sent at ``rate`` bytes/s (a few KB/s), in small pieces
+``DRIP``       the body sent at ``rate`` bytes/s (a few KB/s), in small pieces (at
+               full speed again once the fault changes)
 ``STATUS``     answered here with ``status`` (500, 502, 503...) and a JSON error body
 ``RATE_LIMIT`` answered here with ``429``, ``Retry-After: retry_after`` and Docker Hub's
                ``TOOMANYREQUESTS`` body
@@ -352,7 +353,7 @@ class FaultProxy:
                     return False
                 if fault is Fault.WRONG:
                     data = _invert_from(data, max(0, plan.after - sent))
-                if fault is Fault.DRIP:
+                if fault is Fault.DRIP and self.plan.fault is Fault.DRIP:  # until healed
                     await self._drip(writer, data, plan.rate)
                 else:
                     writer.write(data)
