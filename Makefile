@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= etc/config.yml
 
-.PHONY: run test unit integration lint bench clean debs-test debs-bench
+.PHONY: run test unit integration lint bench clean debs-test debs-bench faults
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ unit: $(STAMP)
 
 integration: debs-test $(STAMP)
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+
+# The fault suite's long run (not in CI: ~15 min): more rounds, clients and seconds than
+# its short version in `make test`; each test appends its figures to FIGURES, then
+# docs/reliability.md is written from them. FAULTS=tests/faults/test_x.py::test_y runs
+# one test and updates its row only (the whole suite starts the figures afresh).
+FAULTS ?= tests/faults
+FIGURES ?= docs/reliability.jsonl
+
+faults: debs-test $(STAMP)
+	$(if $(filter tests/faults tests/faults/,$(FAULTS)),rm -f $(FIGURES))
+	REGMIRROR_FAULTS_LONG=1 REGMIRROR_FIGURES=$(abspath $(FIGURES)) \
+		$(BIN)/pytest -q -p no:cacheprovider $(FAULTS) $(PYTEST_ARGS)
+	$(BIN)/python -m tests.faults.report $(FIGURES) > docs/reliability.md.new
+	mv docs/reliability.md.new docs/reliability.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check regmirror twisted tests bench

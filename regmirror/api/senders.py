@@ -356,7 +356,13 @@ class _FollowsFetch(_FileSender):
         super()._begin()
 
     def _limit(self) -> int:
-        return min(self._end, self._fetch.readable())
+        """The span's last byte waits for the digest, as the blob's last byte does: a
+        ``Range`` answer that ends before the blob must not look complete with bytes
+        that may still turn out wrong."""
+        limit = min(self._end, self._fetch.readable())
+        if limit >= self._end and not self._fetch.verified:
+            return self._end - 1
+        return limit
 
     def _failed(self) -> bool:
         return self._fetch.failed

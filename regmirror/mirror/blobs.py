@@ -145,6 +145,18 @@ class Blobs:
         if not self._usage.reserve(digest, got.size or 0):
             await got.discard()
             raise _TooBig()
+        if got.size is not None and not self._store.has_room(got.size):
+            # The disk is full of something else than our quota: streaming into it
+            # would break the client's transfer; pass the blob through instead.
+            self._usage.release(digest)
+            await got.discard()
+            log.error(
+                "blob {digest} ({size} bytes): no room left on the store's disk",
+                digest=str(digest),
+                size=got.size,
+            )
+            self._usage.evict()
+            raise _TooBig()
         fetch = BlobFetch(
             self._store,
             digest,

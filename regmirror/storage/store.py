@@ -135,6 +135,15 @@ class Store:
         self.discard(temp.path)
         return None
 
+    def has_room(self, size: int) -> bool:
+        """Whether the file system of ``_tmp`` has ``size`` bytes free (and 1 MiB more,
+        for the metadata written beside a blob). True if that cannot be known."""
+        try:
+            st = os.statvfs(self.tmp)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= size + (1 << 20)
+
     def commit(self, temp: Path, digest: Digest) -> Path:
         """Make verified content visible under its digest (atomic rename)."""
         final = self.blob_path(digest)

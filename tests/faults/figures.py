@@ -58,8 +58,8 @@ def record(figures: Figures) -> None:
     if not path:
         return
     if not figures.command:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-        figures.command = "make faults PYTEST_ARGS=" + shlex.quote(test) if test else ""
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+        figures.command = "make faults FAULTS=" + shlex.quote(test) if test else ""
     row = attrs.asdict(figures)
     row["recorded"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     row["long"] = long_run()
