@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from tests.integration.conftest import (  # noqa: F401 - fixtures used here
     upstream,
     upstream_proxy,
 )
+from tests.support.loopfs import LoopFs
 from tests.support.netns import Link, NetNs
 from tests.support.ports import LOOPBACK
 from tests.support.proxy import CountingProxy
@@ -49,6 +51,16 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture
+def loopfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
+    """An ext4 file system on a loop device, for a shared store the test can freeze."""
+    fs = LoopFs(tmp_path_factory.mktemp("loopfs"))
+    try:
+        yield fs.create()
+    finally:
+        fs.unmount()
+
+
+@pytest.fixture
 def make_cluster(
     upstream_proxy: CountingProxy,  # noqa: F811 - the fixture imported above
     tmp_path_factory: pytest.TempPathFactory,
@@ -64,9 +76,10 @@ def make_cluster(
         ttl: str | None = None,
         preamble: dict[int, str] | None = None,
         start: bool = True,
+        root: Path | None = None,
         **regmirror: Any,
     ) -> Cluster:
-        root = tmp_path_factory.mktemp("shared-store")
+        root = root or tmp_path_factory.mktemp("shared-store")
         ns: NetNs | None = None
         net: Link | None = None
         links: dict[int, Link] = {}

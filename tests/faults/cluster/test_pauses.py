@@ -218,8 +218,12 @@ def test_a_reaper_leader_stopped_mid_tick_resumes_fenced_and_deletes_nothing(
         duplicate_upstream_fetches=0,  # the hot blobs are not upstream at all
         notes=(
             f"{FILLER} expired blobs, {len(hot)} hot ones last in r0's plan; r0 stopped "
-            f"{lease_out:.0f} s; its next claim refused (FENCED), nothing in use removed"
-            + (" [fencing check disabled]" if unfenced else "")
+            f"{lease_out:.0f} s; "
+            + (
+                "[fencing check disabled: the hot blobs deleted]"
+                if unfenced
+                else "its next claim refused (FENCED), nothing in use removed"
+            )
         ),
         seconds=round(time.monotonic() - started, 1),
     )
