@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,55 +119,69 @@ def test_a_lease_holder_stopped_past_its_lease_resumes_while_another_fetches(
 
 # -- the reaper's leader ------------------------------------------------------------------
 
-FILLER = 1_500  # expired blobs: three batches of the leader's claims before the hot ones
+FILLER = 1_500  # blobs to expire: three batches of the leader's claims before the hot ones
 REPOSITORIES = 3_000  # links to walk at each batch's removal: the window r0 stops in
-HOUR = 3600.0
+LAST = "ff"  # the hot blobs' digests start so, no filler's does: last in the plan
+TTL = 5.0
 
 
-def _put(root: Path, data: bytes, mtime: float) -> str:
-    """A verified blob written into the store (named by its sha256), last changed at
-    ``mtime`` (what a leader that adopts it takes for its last use)."""
+def _put(root: Path, data: bytes) -> str:
+    """A verified blob written into the store (named by its sha256)."""
     hex_ = hashlib.sha256(data).hexdigest()
     path = root / "blobs" / "sha256" / hex_[:2] / hex_
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    os.utime(path, (mtime, mtime))
     return "sha256:" + hex_
 
 
-def _old_store(root: Path, hot: list[Blob]) -> list[list[Path]]:
-    """Expired filler blobs linked from many repositories, and the hot blobs, expired
-    too but less long ago: last in the leader's plan. Returns the links of each filler
-    in the order of the leader's plan (equal last uses: by digest)."""
-    now = time.time()
+def _store(root: Path, hot: list[Blob]) -> list[list[Path]]:
+    """Filler blobs linked from many repositories, and the hot blobs. A leader adopts
+    them all at once (one last use): its plan lists them by digest, the hot ones last.
+    Returns the links of each filler, in the order of that plan."""
     store = Store(root)
     links: dict[str, list[Path]] = {}
-    for i in range(FILLER):
-        digest = _put(root, b"filler %d" % i, now - 2 * HOUR)
-        for j in range(i, REPOSITORIES, FILLER):
+    i = 0
+    while len(links) < FILLER:
+        data = b"filler %d" % i
+        i += 1
+        if hashlib.sha256(data).hexdigest().startswith(LAST):
+            continue
+        digest = _put(root, data)
+        for j in range(len(links), REPOSITORIES, FILLER):
             store.link_blob("default", f"fill/r{j}", Digest.parse(digest))
             link = store.repo_dir("default", f"fill/r{j}") / "_layers" / "sha256"
             links.setdefault(digest, []).append(link / digest.split(":")[1])
     for blob in hot:
-        _put(root, blob.data, now - 1.5 * HOUR)
+        _put(root, blob.data)
     return [links[d] for d in sorted(links)]
+
+
+def _hot_blobs(n: int) -> list[Blob]:
+    found: list[Blob] = []
+    seed = time.time_ns()
+    while len(found) < n:
+        blob = make_blob(f"hot {seed} {len(found)} {time.time_ns()}", 16 * 1024)
+        if blob.digest.startswith(f"sha256:{LAST}"):
+            found.append(blob)
+    return found
 
 
 def test_a_reaper_leader_stopped_mid_tick_resumes_fenced_and_deletes_nothing(
     make_cluster: MakeCluster,
 ) -> None:
     """r0 leads and removes what expired, batch by batch; it is stopped between two
-    batches, past its lease. r1 serves the hot blobs meanwhile (their last use is now)
-    and leads. r0 resumes with its stale plan, which still lists them: its next claim is
-    refused (its fencing token no longer leads), and nothing more is removed by it.
-    With the check taken out of r0's claim script (REGMIRROR_FAULTS_UNFENCED=1, a hook
-    in this suite only) this test fails: r0 deletes the hot blobs."""
+    batches, past its lease. r1 serves the hot blobs meanwhile (their last use is now,
+    again and again) and leads. r0 resumes with its stale plan, which still lists them:
+    its next claim is refused (its fencing token no longer leads), and nothing more is
+    removed by it. With the check taken out of r0's claim script
+    (REGMIRROR_FAULTS_UNFENCED=1, a hook in this suite only) this test fails: r0
+    deletes the hot blobs."""
     started = time.monotonic()
     unfenced = os.environ.get("REGMIRROR_FAULTS_UNFENCED", "") not in ("", "0")
     preamble = {0: "import tests.faults.cluster.unfenced"} if unfenced else {}
-    cluster = make_cluster(2, start=False, ttl="1h", reaper_interval="1s", preamble=preamble)
-    hot = [make_blob(f"hot {time.time_ns()} {i}", 256 * 1024) for i in range(scale(4, 40))]
-    fillers = _old_store(cluster.root, hot)
+    cluster = make_cluster(2, start=False, ttl=f"{TTL:g}s", reaper_interval="1s", preamble=preamble)
+    hot = _hot_blobs(scale(4, 40))
+    fillers = _store(cluster.root, hot)
     second = [link for links in fillers[BATCH : 2 * BATCH] for link in links]
     check = Checker()
     cluster.stopped.add(1)  # not started yet
@@ -185,7 +200,16 @@ def test_a_reaper_leader_stopped_mid_tick_resumes_fenced_and_deletes_nothing(
     paused_at = time.monotonic()
     cluster[1].start()
     cluster.stopped.discard(1)
-    run_parallel([check.job(cluster.url(1), "hot/blobs", blob) for blob in hot])
+    stop = threading.Event()
+
+    def use_hot() -> None:  # through r1, all along: never expired
+        while True:
+            run_parallel([check.job(cluster.url(1), "hot/blobs", blob) for blob in hot])
+            if stop.wait(0.5):
+                return
+
+    user = threading.Thread(target=use_hot)
+    user.start()
 
     def used_now() -> bool:
         scores = [redis.call("ZSCORE", "regmirror:lastuse", b.digest) for b in hot]
@@ -206,6 +230,8 @@ def test_a_reaper_leader_stopped_mid_tick_resumes_fenced_and_deletes_nothing(
     )
     # the leaders' next ticks; the hot blobs asked of both replicas again
     poll_until(elapsed(paused_at, lease_out + 3), 10, what="two more reaper ticks")
+    stop.set()
+    user.join(60)
     run_parallel([check.job(cluster.url(i), "hot/blobs", b) for b in hot for i in (0, 1)])
     figures = Figures(
         group="cluster",
@@ -217,7 +243,8 @@ def test_a_reaper_leader_stopped_mid_tick_resumes_fenced_and_deletes_nothing(
         crashes=cluster.crashes(),
         duplicate_upstream_fetches=0,  # the hot blobs are not upstream at all
         notes=(
-            f"{FILLER} expired blobs, {len(hot)} hot ones last in r0's plan; r0 stopped "
+            f"{FILLER} expired blobs, {len(hot)} hot ones (used every 0.5 s) last in r0's "
+            f"plan; r0 stopped "
             f"{lease_out:.0f} s; "
             + (
                 "[fencing check disabled: the hot blobs deleted]"
