@@ -55,7 +55,9 @@ def test_a_lease_holder_stopped_past_its_lease_resumes_while_another_fetches(
     for _ in range(scale(1, 5)):
         name, blob = fresh_blob(8 * MiB)
         blobs.append(blob)
-        cluster.upstream.set_rate_limit(2 * MiB)  # ~4 s: time to stop the holder mid-way
+        pause = scale(3, 6)
+        # slow enough that the replica taking over is still fetching when r0 resumes
+        cluster.upstream.set_rate_limit(blob.size / (pause + 4))
         with background([check.job(cluster.url(0), name, blob)]):
             poll_until(_held_by(cluster, blob, "r0"), 20, what="r0 holding it")
             poll_until(lambda: cluster.upstream.bytes_down > 1 * MiB, 20, what="1 MiB fetched")
@@ -73,7 +75,6 @@ def test_a_lease_holder_stopped_past_its_lease_resumes_while_another_fetches(
                         10,
                         what="another replica to take the fetch over",
                     )
-                    pause = scale(3, 8)
                     poll_until(elapsed(paused_at, pause), pause + 5, what="the pause")
                     assert cluster.upstream_gets(blob) == 2
                     assert not cluster.has_blob(blob.digest), "resumed after the take-over"
