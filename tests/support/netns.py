@@ -60,11 +60,18 @@ class Link:
         self.root_ip = root_ip
         self.ns_ip = ns_ip
 
-    def cut(self) -> None:
-        """Partition: the inside end goes down; packets over this link are dropped."""
-        ip("-n", self.ns.name, "link", "set", self.ns_dev, "down")
+    def cut(self, *, silent: bool = False) -> None:
+        """Partition. The inside end goes down: its route with it, so the process inside
+        gets an error at once (as when its own interface fails). ``silent``: the root end
+        goes down instead; inside, the link only loses its carrier and what is sent is
+        dropped without an error (as when the network between drops packets)."""
+        if silent:
+            ip("link", "set", self.host_dev, "down")
+        else:
+            ip("-n", self.ns.name, "link", "set", self.ns_dev, "down")
 
     def heal(self) -> None:
+        ip("link", "set", self.host_dev, "up")
         ip("-n", self.ns.name, "link", "set", self.ns_dev, "up")
 
     @property
