@@ -7,8 +7,10 @@ token (``P:reaper:token``, incremented at each new leadership, seeded from Redis
 so that it keeps growing after Redis restarted empty). The others only listen.
 
 The leader, once per leadership, adopts what the store holds (a scan in a thread: files
-that Redis does not know get their mtime as last use; entries whose files are gone are
-dropped). Then at each tick: what expired (``ZRANGEBYSCORE P:lastuse -inf now-ttl``),
+that Redis does not know are taken as used when adopted, so each gets a full TTL: after
+Redis lost its data, a file's mtime says when it was fetched, not when it was last used,
+and a hot blob fetched more than a TTL ago would go at once; entries whose files are gone
+are dropped). Then at each tick: what expired (``ZRANGEBYSCORE P:lastuse -inf now-ttl``),
 above the quota's high watermark what was least recently used (``ZRANGE``), in batches
 of ``BATCH``. Every batch is claimed with one script before its files are deleted; the
 script refuses (``FENCED``) unless the caller still leads with its token, and leaves out
@@ -201,8 +203,9 @@ class ClusterReaper(Service):
         """Adopt what the store holds that Redis does not know; drop entries whose files
         are gone (once per leadership: Redis may have restarted empty)."""
         found: list[Stored] = await self._run(self._store.scan)
+        now = self._now()  # the last use of what Redis does not know: unknown, so now
         adopted = await self._usage.add_entries(
-            [(s.digest, s.kind, s.size, s.refs, s.mtime) for s in found], "adopt"
+            [(s.digest, s.kind, s.size, s.refs, now) for s in found], "adopt"
         )
         known = set(await self._coord.call("HKEYS", self._key("entries")))
         gone = known - {str(s.digest) for s in found}

@@ -73,6 +73,7 @@ class RemoteFetch(FetchReaders):
         self.state = State.RUNNING
         self.error: BaseException | None = None
         self.moved = 0.0  # when it last moved (the owner's clock), for the stall check
+        self._inode = _inode(path)  # the file followed, while the holder writes it
         self.update(progress)
 
     # -- what the owner tells it -----------------------------------------------------
@@ -105,7 +106,7 @@ class RemoteFetch(FetchReaders):
         holds, and whether the verified file is in the store."""
         if self.state in (State.FAILED, State.COMMITTED):
             return
-        if self.size is not None and self._store.blob_size(self.digest) == self.size:
+        if self._in_store():
             self._commit()
             return
         try:
@@ -119,10 +120,23 @@ class RemoteFetch(FetchReaders):
 
     def holder_gone(self) -> None:
         """The holder's lease ended and the store has no verified file: it died."""
-        if self.size is not None and self._store.blob_size(self.digest) == self.size:
+        if self._in_store():
             self._commit()
             return
         self.fail(HolderGone(f"replica {self.holder} stopped fetching {self.digest}"))
+
+    def _in_store(self) -> bool:
+        """The store shows the verified file and the readers can have all of it: it is
+        the file followed (the holder renamed it), or the holder said the digest matched
+        (the file followed holds every byte). Another replica's copy committed meanwhile
+        (one that fetched alone, cut off from Redis) does not count while the holder's
+        file is partial: its readers read that file, and would come up short."""
+        if self.size is None:
+            return False
+        committed = _inode(self._store.blob_path(self.digest), self.size)
+        if committed is None:
+            return False
+        return self.verified or self._inode is None or committed == self._inode
 
     def fail(self, error: BaseException) -> None:
         if self.state in (State.FAILED, State.COMMITTED):
@@ -141,3 +155,14 @@ class RemoteFetch(FetchReaders):
             self.written = self.received = self.size
         self._notify()
         self._resolve()
+
+
+def _inode(path: Path, size: int | None = None) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (of ``size`` bytes if given), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if size is not None and st.st_size != size:
+        return None
+    return st.st_dev, st.st_ino
