@@ -2,9 +2,10 @@
 entries in its store (issue 12, "Cost as the cache grows").
 
 For each size (10k, 100k, 1M entries by default) a synthetic store is built directly on
-disk, in the layout ``regmirror.storage.store`` uses: ``blobs/sha256/ab/<hex>`` files
-whose tiny content hashes to their name, and one manifest in ten (``<hex>`` + ``.type``,
-an image manifest referencing a config and two layers among the blobs). Then twistd
+disk (``tests.support.synthstore``), in the layout ``regmirror.storage.store`` uses:
+``blobs/sha256/ab/<hex>`` files whose 32-byte content hashes to their name, and one
+manifest in ten (``<hex>`` + ``.type``, an image manifest referencing a config and two
+layers among the blobs). Then twistd
 regmirror (``tests.support.mirror.Mirror``) is started on it twice, first with no
 reaper state (a scan rebuilds it), then again with the state it saved, and each time:
 
@@ -25,10 +26,6 @@ a scenario of ``bench.scenarios``: it appends ``Row``s to the context.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import hashlib
-import json
-import os
 import re
 import shutil
 import sys
@@ -43,6 +40,7 @@ from typing import TYPE_CHECKING
 from tests.support.mirror import REPO_ROOT, Mirror
 from tests.support.ports import free_port
 from tests.support.rawhttp import connect, request
+from tests.support.synthstore import build_store
 from tests.support.wait import poll_until
 
 if TYPE_CHECKING:
@@ -50,85 +48,7 @@ if TYPE_CHECKING:
 
 SIZES = (10_000, 100_000, 1_000_000)
 MANIFEST_EVERY = 10  # one entry in ten is a manifest
-MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 SETTLED = re.compile(r"reaper: (settled|\d+ entries)")
-
-
-@dataclass(frozen=True)
-class SyntheticStore:
-    root: Path
-    entries: int
-    blob: str  # a cached blob's digest, to GET
-
-
-def _blob_data(i: int) -> bytes:
-    return b"regmirror bench blob %d\n" % i
-
-
-def _manifest_data(i: int, refs: Sequence[str]) -> bytes:
-    return json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE,
-            "config": {"mediaType": "application/octet-stream", "digest": refs[0], "size": 1},
-            "layers": [
-                {"mediaType": "application/octet-stream", "digest": r, "size": 1} for r in refs[1:]
-            ],
-            "annotations": {"bench": str(i)},
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _build_chunk(blobs_dir: str, start: int, stop: int) -> str:
-    first = ""
-    recent: list[str] = []
-    for i in range(start, stop):
-        if i % MANIFEST_EVERY == MANIFEST_EVERY - 1 and len(recent) >= 3:
-            data = _manifest_data(i, recent[-3:])
-        else:
-            data = _blob_data(i)
-        hexdigest = hashlib.sha256(data).hexdigest()
-        path = os.path.join(blobs_dir, hexdigest[:2], hexdigest)
-        _write(path, data)
-        if data.startswith(b"{"):
-            _write(path + ".type", MEDIA_TYPE.encode())
-        else:
-            recent.append("sha256:" + hexdigest)
-            first = first or "sha256:" + hexdigest
-    return first
-
-
-def build_store(root: Path, entries: int, threads: int = 4) -> SyntheticStore:
-    """A store of ``entries`` blobs and manifests (written directly, in threads: the
-    system calls release the GIL). Reused when ``root`` already holds one of that size."""
-    marker = root / ".bench-entries"
-    blobs_dir = root / "blobs" / "sha256"
-    if marker.exists() and marker.read_text().split()[0] == str(entries):
-        return SyntheticStore(root, entries, marker.read_text().split()[1])
-    if root.exists():
-        shutil.rmtree(root)
-    for prefix in range(256):
-        (blobs_dir / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
-    chunk = 10_000
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        firsts = list(
-            pool.map(
-                lambda start: _build_chunk(str(blobs_dir), start, min(start + chunk, entries)),
-                range(0, entries, chunk),
-            )
-        )
-    blob = firsts[0]
-    marker.write_text(f"{entries} {blob}\n")
-    return SyntheticStore(root, entries, blob)
 
 
 @dataclass
@@ -261,7 +181,7 @@ def measure_empty(work: Path, repo_root: Path, python: str) -> Start:
 def measure_size(work: Path, entries: int, repo_root: Path, python: str) -> SizeResult:
     base = work / f"store-{entries}"
     t = time.monotonic()
-    store = build_store(base / "store", entries)
+    store = build_store(base / "store", entries, manifest_every=MANIFEST_EVERY)
     build = time.monotonic() - t
     for path in (base / "store" / "_state").glob("reaper.sqlite3*"):
         path.unlink()
