@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
 from regmirror.expiry.ledger import Entry, Ledger
-from regmirror.expiry.state import Row, Settled, StateDB
+from regmirror.expiry.state import Cancelled, Row, Settled, StateDB
 from regmirror.logs import get_logger
 from regmirror.reactor import ReactorTime
 from regmirror.storage.store import Store
@@ -153,6 +153,8 @@ class Reaper(Service):
 
     def _start(self) -> None:
         def failed(f: Failure) -> None:
+            if f.check(Cancelled):
+                return  # stopping
             log.failure("the reaper could not load its state; trying again", f)
             if self.running:
                 self._retry = self._clock.callLater(max(self.interval, 1.0), self._start)
@@ -176,6 +178,10 @@ class Reaper(Service):
             self._retry.cancel()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+
+        if not self.ready:  # still settling: the state stays as it was, settled next time
+            self._db.cancel()
+            return None
 
         async def stop() -> None:
             await self.flush()

@@ -56,6 +56,10 @@ _VERSION = 1  # PRAGMA user_version: the schema above is there
 _COLUMNS = "rowid, digest, kind, size, last_used, refs"
 
 
+class Cancelled(Exception):
+    """``StateDB.settle`` was cancelled (the mirror is stopping)."""
+
+
 @attrs.frozen
 class Row:
     """One entry as the database has it; ``at`` is its place in the last-use order
@@ -92,6 +96,7 @@ class StateDB:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()
 
     # -- the connection ----------------------------------------------------------------
 
@@ -132,6 +137,15 @@ class StateDB:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    def cancel(self) -> None:
+        """Stop a ``settle`` running in another thread at its next batch (shutting
+        down): it raises ``Cancelled`` and leaves the state as it was."""
+        self._cancelled.set()
+
+    def _check(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled("settling the reaper state was cancelled")
 
     def close(self) -> None:
         with self._lock:
@@ -202,6 +216,7 @@ class StateDB:
         adopted = 0
         listed = store.listing()
         while batch := list(itertools.islice(listed, BATCH)):
+            self._check()
             adopted += self._insert(db, store, batch)
         db.execute("CREATE INDEX entries_by_use ON entries (last_used)")
         return adopted
@@ -213,6 +228,7 @@ class StateDB:
         )
         names = store.names()
         while batch := list(itertools.islice(names, BATCH)):
+            self._check()
             db.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?)", batch)
         dropped = db.execute(
             "DELETE FROM entries WHERE NOT EXISTS (SELECT 1 FROM seen s"
@@ -229,6 +245,7 @@ class StateDB:
             " (SELECT 1 FROM entries e WHERE e.digest = s.digest) ORDER BY digest LIMIT ?",
             (last, BATCH),
         ).fetchall():
+            self._check()
             last = new[-1][0]
             listed = [store.stat_named(Named(digest, kind)) for digest, kind in new]
             adopted += self._insert(db, store, [x for x in listed if x is not None])

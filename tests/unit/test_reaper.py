@@ -473,3 +473,29 @@ def test_an_entry_used_while_the_eviction_asks_the_database_is_kept(store: Store
     assert store.blob_path(blobs[0]).exists()
     assert not store.blob_path(blobs[1]).exists()
     assert reaper.usage <= 500
+
+
+def test_stopping_while_settling_cancels_it_and_leaves_the_state_as_it_was(
+    store: Store,
+) -> None:
+    clock = Clock()
+    reaper = make_reaper(store, clock)
+    known = put_blob(store, b"known")
+    reaper.ledger.added(Kind.BLOB, known, 5)
+    reaper.tick()
+    put_blob(store, b"not adopted yet")
+    later = Later()
+    again = Reaper(
+        clock,
+        store,
+        Ledger(clock, ttl=100.0, wall_clock=clock.seconds),
+        run_in_thread=later,
+        interval=10.0,
+        in_use=lambda d: False,
+        on_removed=lambda kind, d: None,
+    )
+    again.startService()
+    assert again.stopService() is None  # nothing to wait for: the walk stops
+    later.run_all(clock)
+    assert not again.ready and not clock.getDelayedCalls()  # not tried again
+    assert set(saved(store)) == {known}
