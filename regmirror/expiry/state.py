@@ -213,6 +213,7 @@ class StateDB:
         """No entries yet: every file is adopted (the last-use index is built once, at
         the end: faster than a million inserts into it)."""
         db.execute("DROP INDEX IF EXISTS entries_by_use")
+        db.execute("DELETE FROM refs")  # of no entry
         adopted = 0
         listed = store.listing()
         while batch := list(itertools.islice(listed, BATCH)):
