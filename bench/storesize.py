@@ -12,6 +12,8 @@ reaper state (a scan rebuilds it), then again with the state it saved, and each 
 - time to the first ``GET /v2/`` 200 and to the first cached blob 200 (from spawning);
 - time until settled: the reaper's ``reaper: settled`` log line (scan / state load /
   reconciliation done), or the older ``reaper: N entries`` line of earlier versions;
+- the mirror's CPU seconds (utime + stime, every thread) at both moments: wall times
+  are noisy on a shared machine, CPU time much less;
 - the longest ``GET /v2/`` round trip seen by a client polling every 20 ms while it
   settles (what a reactor stall costs a client);
 - RSS (VmRSS) once settled, and VmHWM; bytes of RSS per entry: RSS minus the RSS of
@@ -26,6 +28,7 @@ a scenario of ``bench.scenarios``: it appends ``Row``s to the context.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -59,6 +62,8 @@ class Start:
     first_blob: float | None = None  # ... to the first cached blob 200
     settled: float | None = None  # ... to the reaper's settled log line
     max_stall: float | None = None  # the longest GET /v2/ round trip while settling, s
+    cpu_v2: float | None = None  # CPU seconds of the mirror at its first GET /v2/ 200
+    cpu_settled: float | None = None  # ... once settled (every thread: the walk too)
     rss_mb: float | None = None  # VmRSS once settled, MB (10^6 bytes)
     hwm_mb: float | None = None  # VmHWM once settled, MB
 
@@ -72,6 +77,17 @@ def _status_kib(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all its threads), seconds: less noisy than wall time
+    on a shared machine."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Prober:
@@ -123,6 +139,8 @@ def measure_start(mirror: Mirror, blob: str | None, timeout: float = 600.0) -> S
     t0 = time.monotonic()
     mirror.start()  # returns at the first GET /v2/ 200 (polled every 50 ms)
     result.first_v2 = time.monotonic() - t0
+    assert mirror.pid is not None
+    result.cpu_v2 = _cpu_seconds(mirror.pid)
     if blob is not None:
 
         def blob_served() -> bool:
@@ -138,8 +156,8 @@ def measure_start(mirror: Mirror, blob: str | None, timeout: float = 600.0) -> S
             what="the reaper settled",
         )
         result.settled = time.monotonic() - t0
+    result.cpu_settled = _cpu_seconds(mirror.pid)
     result.max_stall = prober.longest
-    assert mirror.pid is not None
     time.sleep(1.0)  # the measurement's settling time, not a wait for an event
     rss, hwm = _status_kib(mirror.pid, "VmRSS"), _status_kib(mirror.pid, "VmHWM")
     result.rss_mb = rss * 1024 / 1e6 if rss is not None else None
@@ -213,6 +231,8 @@ def table(empty: Start, results: Sequence[SizeResult]) -> str:
         "first /v2/ s",
         "first blob s",
         "settled s",
+        "CPU@/v2/ s",
+        "CPU@settled s",
         "max stall s",
         "RSS MB",
         "HWM MB",
@@ -225,6 +245,8 @@ def table(empty: Start, results: Sequence[SizeResult]) -> str:
             _fmt(empty.first_v2),
             "—",
             _fmt(empty.settled),
+            _fmt(empty.cpu_v2),
+            _fmt(empty.cpu_settled),
             _fmt(empty.max_stall),
             _fmt(empty.rss_mb, 1),
             _fmt(empty.hwm_mb, 1),
@@ -240,6 +262,8 @@ def table(empty: Start, results: Sequence[SizeResult]) -> str:
                     _fmt(s.first_v2),
                     _fmt(s.first_blob),
                     _fmt(s.settled),
+                    _fmt(s.cpu_v2),
+                    _fmt(s.cpu_settled),
                     _fmt(s.max_stall),
                     _fmt(s.rss_mb, 1),
                     _fmt(s.hwm_mb, 1),
@@ -334,6 +358,14 @@ def store_size(ctx: Context) -> None:
             )
         )
         ctx.rows.append(row(f"{n}: settled", r.first.settled, r.restart.settled, "s"))
+        ctx.rows.append(
+            row(
+                f"{n}: mirror CPU seconds until settled",
+                r.first.cpu_settled,
+                r.restart.cpu_settled,
+                "s",
+            )
+        )
         ctx.rows.append(
             row(
                 f"{n}: longest GET /v2/ while settling",
