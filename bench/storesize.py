@@ -28,6 +28,7 @@ a scenario of ``bench.scenarios``: it appends ``Row``s to the context.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -284,6 +285,7 @@ class _Work:
     owned: bool
 
 
+@contextlib.contextmanager
 def _workdir(given: Path | None) -> Iterator[_Work]:
     if given is not None:
         given.mkdir(parents=True, exist_ok=True)
@@ -329,10 +331,24 @@ def store_size(ctx: Context) -> None:
     empty, results = run(sizes, work, log=ctx.log)
     columns = ("first start (scan)", "restart (state)", "ratio restart/scan")
 
-    def row(metric: str, first: float | None, again: float | None, unit: str, **kw: object) -> Row:
-        return Row("7 store size", metric, first, again, unit, columns=columns, **kw)  # type: ignore[arg-type]
+    def row(
+        metric: str,
+        first: float | None,
+        again: float | None,
+        unit: str,
+        digits: int = 2,
+        target: Target | None = None,
+    ) -> Row:
+        return Row(
+            "7 store size", metric, first, again, unit, digits, target=target, columns=columns
+        )
 
-    ctx.rows.append(row("RSS, empty store", empty.rss_mb, None, "MB", digits=1, show_ratio=False))
+    def at_most(limit: float) -> Callable[[float | None, float | None], bool | None]:
+        return lambda a, b: None if a is None or b is None else max(a, b) <= limit
+
+    empty_row = row("RSS, empty store", empty.rss_mb, None, "MB", digits=1)
+    empty_row.show_ratio = False
+    ctx.rows.append(empty_row)
     for r in results:
         n = f"{r.entries:,} entries"
         ctx.rows.append(
@@ -341,9 +357,7 @@ def store_size(ctx: Context) -> None:
                 r.first.first_v2,
                 r.restart.first_v2,
                 "s",
-                target=Target(
-                    "≤ 2 s", lambda a, b: None if a is None or b is None else max(a, b) <= 2
-                ),
+                target=Target("≤ 2 s (wall: noisy)", at_most(2.0)),
             )
         )
         ctx.rows.append(
@@ -352,10 +366,11 @@ def store_size(ctx: Context) -> None:
                 r.first.first_blob,
                 r.restart.first_blob,
                 "s",
-                target=Target(
-                    "≤ 2 s", lambda a, b: None if a is None or b is None else max(a, b) <= 2
-                ),
+                target=Target("≤ 2 s (wall: noisy)", at_most(2.0)),
             )
+        )
+        ctx.rows.append(
+            row(f"{n}: mirror CPU seconds at the first /v2/", r.first.cpu_v2, r.restart.cpu_v2, "s")
         )
         ctx.rows.append(row(f"{n}: settled", r.first.settled, r.restart.settled, "s"))
         ctx.rows.append(
@@ -383,9 +398,8 @@ def store_size(ctx: Context) -> None:
                 per_entry(r.restart.rss_mb, empty.rss_mb, r.entries),
                 "B",
                 digits=0,
-                target=Target(
-                    "≤ 200 B", lambda a, b: None if a is None or b is None else max(a, b) <= 200
-                ),
+                # below 100k entries the fixed cost (SQLite's 8 MiB page cache) dominates
+                target=Target("≤ 200 B", at_most(200.0)) if r.entries >= 100_000 else None,
             )
         )
 
@@ -402,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="its Python (a venv's)")
     args = parser.parse_args(argv)
     sizes = [int(s.replace("_", "")) for s in args.entries.split(",") if s]
-    for work in _workdir(args.dir):
+    with _workdir(args.dir) as work:
         empty, results = run(sizes, work.path, args.repo_root.absolute(), args.python)
         print(table(empty, results))
         for r in results:
