@@ -1,13 +1,22 @@
-"""The ledger: what the store holds, in memory, and what the mirror tells the expiry
-layer (it implements ``regmirror.expiry.usage.Usage``).
+"""The ledger's front in memory: what the mirror tells the expiry layer (it implements
+``regmirror.expiry.usage.Usage``), until the reaper writes it to the state database.
 
-Every verified blob and manifest is an ``Entry`` (kind, size, last use; for a manifest,
-the digests it references). Beside the entries: their least-recently-used order (for
-eviction), a heap of (deadline, digest) (for expiry: popped lazily, an entry used since
-it was pushed is pushed again with its new deadline), who references what, the bytes
-committed and reserved by fetches in flight, and what changed since the state was last
-saved. The ledger decides nothing and touches no file: the reaper
-(``regmirror.expiry.reaper``) reads it, removes from it and deletes.
+The entries themselves (kind, size, last use; for a manifest, the digests it
+references) are rows of ``regmirror.expiry.state`` (SQLite, indexed by last use: the
+expiry order and the least-recently-used order are the same order), so memory does not
+grow with the store. What is here is only what changed since the last flush, kept in
+O(1) per call on the mirror's hot path:
+
+- ``touched``: digest -> last use, repeated uses coalesced into one;
+- ``added``: entries committed since (a fetch, a manifest stored);
+- ``dropped``: digests removed by a purge;
+
+and the totals (entries, bytes) as the database had them at the last write, plus what
+is pending, and the bytes reserved by fetches in flight (the quota counts them). The
+reaper (``regmirror.expiry.reaper``) takes the pending changes (``take``), writes them
+in a thread and tells the ledger how the totals moved (``flushed``); whatever it
+removes goes through ``removed``. An entry with pending changes is never chosen for
+removal (``pending``): it was used, added or purged since the database last heard.
 
 The ledger is built first and given to the mirror; the reaper, built after the mirror,
 subscribes to the ledger's eviction requests in its constructor (``on_evict``).
@@ -15,17 +24,14 @@ subscribes to the ledger's eviction requests in its constructor (``on_evict``).
 
 from __future__ import annotations
 
-import heapq
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 
 import attrs
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
 from regmirror.reactor import ReactorTime
-from regmirror.storage.store import Stored
 
 
 @attrs.define
@@ -36,10 +42,23 @@ class Entry:
     refs: tuple[Digest, ...] = ()
 
 
+@attrs.frozen
+class Pending:
+    """What the ledger recorded since the last flush (see the module's docstring)."""
+
+    added: dict[Digest, Entry] = attrs.Factory(dict)
+    touched: dict[Digest, float] = attrs.Factory(dict)
+    dropped: set[Digest] = attrs.Factory(set)
+    size: int = 0  # the bytes of ``added``
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.touched or self.dropped)
+
+
 class Ledger:
-    """Entries of one store. ``clock`` is the reactor's time (an eviction that ``added``
-    asks for runs one turn later); ``wall_clock`` gives the last-use times,
-    which survive restarts."""
+    """What changed in one store since the state database last heard, and its totals.
+    ``clock`` is the reactor's time (an eviction that ``added`` asks for runs one turn
+    later); ``wall_clock`` gives the last-use times, which survive restarts."""
 
     def __init__(
         self,
@@ -57,59 +76,61 @@ class Ledger:
         self.high = int(max_size * high)
         self.low = int(max_size * low)
         self._now = wall_clock
-        self.entries: dict[Digest, Entry] = {}
-        self.usage = 0  # bytes committed
-        self._lru: OrderedDict[Digest, None] = OrderedDict()
-        self._heap: list[tuple[float, Digest]] = []
-        self._referrers: dict[Digest, set[Digest]] = {}
+        self._added: dict[Digest, Entry] = {}
+        self._touched: dict[Digest, float] = {}
+        self._dropped: set[Digest] = set()
+        self._added_size = 0
+        self._flushing: Pending | None = None  # taken, being written
+        self._db_entries = 0  # as the database had them at its last write
+        self._db_usage = 0
         self._reserved: dict[Digest, int] = {}
-        self._changes: dict[Digest, Entry | None] = {}
+        self._reserved_size = 0
         self._evictors: list[Callable[[], object]] = []
 
-    # -- Usage: what the mirror tells us ---------------------------------------------
+    # -- Usage: what the mirror tells us (every call O(1)) -----------------------------
 
     def added(self, kind: Kind, digest: Digest, size: int, refs: tuple[Digest, ...] = ()) -> None:
-        if digest in self.entries:
-            self.used(digest)
-            return
-        entry = Entry(kind, size, self._now(), refs)
-        self._insert(digest, entry)
-        self._changes[digest] = entry
+        old = self._added.get(digest)
+        if old is not None:
+            self._added_size -= old.size
+        self._added[digest] = Entry(kind, size, self._now(), refs)
+        self._added_size += size
         if self.over_quota:
             self._clock.callLater(0, self.evict)
 
     def used(self, digest: Digest) -> None:
-        entry = self.entries.get(digest)
-        if entry is None:
-            return
-        entry.last_used = self._now()
-        self._lru.move_to_end(digest)
-        self._changes[digest] = entry
-        for ref in entry.refs:  # using a manifest keeps what it references alive
-            child = self.entries.get(ref)
-            if child is not None and child.kind == Kind.MANIFEST:
-                child.last_used = entry.last_used
-                self._lru.move_to_end(ref)
-                self._changes[ref] = child
+        """Using a manifest also keeps the manifests it lists alive (when written)."""
+        self._touched[digest] = self._now()
 
     def reserve(self, digest: Digest, size: int) -> bool:
         """Count a fetch in flight; False when it cannot fit even after eviction (then
         it is passed through, not cached)."""
         if self.max_size and size > self.low:
             return False
+        self._reserved_size += size - self._reserved.get(digest, 0)
         self._reserved[digest] = size
         if self.over_quota:
             self.evict()
         return True
 
     def release(self, digest: Digest) -> None:
-        self._reserved.pop(digest, None)
+        self._reserved_size -= self._reserved.pop(digest, 0)
 
     def evict(self) -> list[object]:
         """Ask whoever subscribed (the reaper) to make room now."""
         return [evict() for evict in self._evictors]
 
-    # -- what the reaper reads and changes -------------------------------------------
+    def drop(self, digest: Digest) -> Entry | None:
+        """Forget ``digest`` (a purge: its files go too); returns its entry if it was
+        added since the last flush."""
+        self._dropped.add(digest)
+        self._touched.pop(digest, None)
+        entry = self._added.pop(digest, None)
+        if entry is not None:
+            self._added_size -= entry.size
+        return entry
+
+    # -- what the reaper and the pages read ---------------------------------------------
 
     def on_evict(self, evict: Callable[[], object]) -> None:
         """Call ``evict()`` whenever room must be made (above the high watermark, or a
@@ -121,101 +142,89 @@ class Ledger:
         return self._now()
 
     @property
+    def usage(self) -> int:
+        """Bytes committed: the database's total and what is not written yet (an entry
+        added again counts twice until then: the quota errs on the safe side)."""
+        flushing = self._flushing.size if self._flushing is not None else 0
+        return self._db_usage + flushing + self._added_size
+
+    @property
+    def entry_count(self) -> int:
+        flushing = len(self._flushing.added) if self._flushing is not None else 0
+        return self._db_entries + flushing + len(self._added)
+
+    @property
     def reserved(self) -> int:
-        return sum(self._reserved.values())
+        return self._reserved_size
 
     @property
     def over_quota(self) -> bool:
-        return bool(self.max_size) and self.usage + self.reserved > self.high
+        return bool(self.max_size) and self.usage + self._reserved_size > self.high
 
-    def referenced(self, digest: Digest) -> bool:
-        return bool(self._referrers.get(digest))
+    def pending(self, digest: Digest) -> bool:
+        """Whether ``digest`` changed since the database last heard (used, added,
+        purged): not to be removed on what the database says of it."""
+        if digest in self._touched or digest in self._added or digest in self._dropped:
+            return True
+        flushing = self._flushing
+        return flushing is not None and (
+            digest in flushing.touched or digest in flushing.added or digest in flushing.dropped
+        )
 
-    def lru(self) -> list[Digest]:
-        """Every entry, least recently used first."""
-        return list(self._lru)
-
-    def due(self, now: float) -> Iterator[Digest | None]:
-        """Pop the deadlines up to ``now``: yields each digest whose entry expired, and
-        None for a deadline that was stale (the entry is gone, or was used since and is
-        pushed again with its new deadline)."""
-        while self._heap and self._heap[0][0] <= now:
-            _, digest = heapq.heappop(self._heap)
-            entry = self.entries.get(digest)
-            if entry is None:
-                yield None
+    def overlay(self, digest: Digest, saved: Entry | None) -> Entry | None:
+        """``saved`` (the database's entry) with what is pending applied (inspection)."""
+        entry = saved
+        for pending in (self._flushing, self.peek()):
+            if pending is None:
                 continue
-            current = entry.last_used + self.ttl
-            if current > now:
-                heapq.heappush(self._heap, (current, digest))
-                yield None
-            else:
-                yield digest
-
-    def postpone(self, digest: Digest, deadline: float) -> None:
-        """Look at an expired entry again at ``deadline`` (it is being read)."""
-        heapq.heappush(self._heap, (deadline, digest))
-
-    def drop(self, digest: Digest) -> Entry | None:
-        entry = self.entries.pop(digest, None)
-        if entry is None:
-            return None
-        self._lru.pop(digest, None)
-        self.usage -= entry.size
-        for ref in entry.refs:
-            referrers = self._referrers.get(ref)
-            if referrers is not None:
-                referrers.discard(digest)
-                if not referrers:
-                    del self._referrers[ref]
-        self._changes[digest] = None
+            if digest in pending.dropped:
+                entry = None
+            if digest in pending.added:
+                entry = attrs.evolve(pending.added[digest])
+            last = pending.touched.get(digest)
+            if entry is not None and last is not None:
+                entry = attrs.evolve(entry, last_used=max(entry.last_used, last))
         return entry
 
-    def settle(self, saved: Mapping[Digest, Entry] | None, found: Iterable[Stored]) -> int:
-        """Start from the saved state and what a scan of the store found: entries whose
-        files are gone are dropped, files without an entry (or with a different one) are
-        adopted with their mtime as last use; what was recorded meanwhile wins. Returns
-        the number of entries dropped."""
-        saved = saved or {}
-        merged: dict[Digest, Entry] = {}
-        for stored in found:
-            entry = saved.get(stored.digest)
-            if entry is None or entry.size != stored.size or entry.kind != stored.kind:
-                entry = Entry(stored.kind, stored.size, stored.mtime, stored.refs)
-                self._changes[stored.digest] = entry
-            merged[stored.digest] = entry
-        dropped = 0
-        for digest in saved:
-            if digest not in merged:
-                dropped += 1
-                self._changes[digest] = None
-        # Whatever happened while we were loading is newer than the files.
-        merged.update(self.entries)
-        self.entries = {}
-        self._lru.clear()
-        self._heap.clear()
-        self._referrers.clear()
-        self.usage = 0
-        for digest, entry in sorted(merged.items(), key=lambda item: item[1].last_used):
-            self._insert(digest, entry)
-        return dropped
+    def peek(self) -> Pending:
+        """What is pending, without taking it."""
+        return Pending(self._added, self._touched, self._dropped, self._added_size)
 
-    def take_changes(self) -> dict[Digest, Entry | None]:
-        """What changed since the last call (None: removed), to be saved."""
-        changes, self._changes = self._changes, {}
-        return changes
+    # -- the reaper writes what changed -------------------------------------------------
 
-    def unsaved(self, changes: dict[Digest, Entry | None]) -> None:
-        """Saving ``changes`` failed: keep them for the next save (newer ones win)."""
-        changes.update(self._changes)
-        self._changes = changes
+    def take(self) -> Pending:
+        """What changed since the last call, to be written; ``flushed`` or
+        ``unflushed`` must follow before the next ``take``."""
+        pending = Pending(self._added, self._touched, self._dropped, self._added_size)
+        self._added, self._touched, self._dropped, self._added_size = {}, {}, set(), 0
+        self._flushing = pending
+        return pending
 
-    def _insert(self, digest: Digest, entry: Entry) -> None:
-        self.entries[digest] = entry
-        self._lru[digest] = None
-        self._lru.move_to_end(digest)
-        self.usage += entry.size
-        for ref in entry.refs:
-            self._referrers.setdefault(ref, set()).add(digest)
-        if self.ttl > 0:
-            heapq.heappush(self._heap, (entry.last_used + self.ttl, digest))
+    def flushed(self, entries: int, usage: int) -> None:
+        """The changes taken were written: the database's totals moved by this much."""
+        self._flushing = None
+        self._db_entries += entries
+        self._db_usage += usage
+
+    def unflushed(self, pending: Pending) -> None:
+        """Writing ``pending`` failed: keep it for the next write, under what was
+        recorded since (newer wins)."""
+        self._flushing = None
+        added = {d: e for d, e in pending.added.items() if d not in self._dropped}
+        added.update(self._added)
+        touched = {d: t for d, t in pending.touched.items() if d not in self._dropped}
+        for digest, last in self._touched.items():
+            touched[digest] = max(last, touched.get(digest, last))
+        self._added, self._touched = added, touched
+        self._dropped = pending.dropped | self._dropped
+        self._added_size = sum(e.size for e in added.values())
+
+    def settled(self, entries: int, usage: int) -> None:
+        """The database now holds what the store holds: its totals."""
+        self._db_entries, self._db_usage = entries, usage
+
+    def removed(self, sizes: Iterable[int]) -> None:
+        """Entries of these sizes were deleted from the database."""
+        for size in sizes:
+            self._db_entries -= 1
+            self._db_usage -= size

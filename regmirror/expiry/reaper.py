@@ -1,38 +1,44 @@
 """The reaper: expiry by time since last use, a disk quota, and the state that survives
 restarts.
 
-A ``LoopingCall`` ticks every interval: it pops the ledger's deadlines that are due,
-removes expired manifests (the store drops the tags that resolve to them and the
-repository links) and the blobs that expired or that no live manifest references any
-more; above the quota's high watermark it evicts least recently used content until
-usage is under the low one; then it saves what changed. Nothing being read or written
-(``in_use``) is removed, and whoever holds a copy in memory is told (``on_removed``).
-File deletions run in a thread, in batches; the in-memory work runs in slices, so a
-sweep of 100,000 entries never holds the reactor for more than a few milliseconds at a
-time.
+The entries live in the state database (``regmirror.expiry.state``: SQLite, indexed by
+last use), not in memory; the ledger (``regmirror.expiry.ledger``) holds only what
+changed since the last write. A ``LoopingCall`` ticks every interval: it writes what the
+ledger recorded (in a thread), then asks the database for the entries last used more
+than ``ttl`` ago, ``SLICE`` at a time, and removes them (an expired manifest takes the
+tags that resolve to it and the repository links; the blobs and manifests it references
+that no live manifest references any more go with it); above the quota's high watermark
+it evicts least recently used content until usage is under the low one. Nothing being
+read or written (``in_use``) is removed, nor anything used, added or purged since the
+database last heard (``Ledger.pending``); whoever holds a copy in memory is told
+(``on_removed``). Every query, write and file deletion runs in a thread, in batches;
+the reactor only filters each batch, so a sweep of a million entries never holds it for
+long.
 
-At start-up the saved state (``regmirror.expiry.state``) is settled against a scan of
-the store (both in a thread): entries whose files are gone are dropped, files without an
-entry are adopted with their mtime as last use. Missing or corrupt state is rebuilt.
+At start-up the state is settled against a walk of the store, all in a thread
+(``StateDB.settle``), while the mirror already serves: entries whose files are gone are
+dropped, files without an entry are adopted with their mtime as last use, and what the
+mirror recorded meanwhile is written on top. Missing or corrupt state is rebuilt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
 from regmirror.expiry.ledger import Entry, Ledger
-from regmirror.expiry.state import StateDB
+from regmirror.expiry.state import Cancelled, Row, Settled, StateDB
 from regmirror.logs import get_logger
 from regmirror.reactor import ReactorTime
-from regmirror.storage.store import Store, Stored
+from regmirror.storage.store import Store
 
 log = get_logger()
 
@@ -40,6 +46,36 @@ SLICE = 500  # entries handled per reactor turn
 BATCH = 1000  # files deleted per call in a thread
 
 RunInThread = Callable[..., "Deferred[Any]"]
+
+
+class Entries(Mapping[Digest, Entry]):
+    """The entries as the reaper knows them: the database's, with what the ledger has
+    not written yet applied. For inspection and tests: each lookup reads the database
+    on the calling thread."""
+
+    def __init__(self, ledger: Ledger, db: StateDB) -> None:
+        self._ledger = ledger
+        self._db = db
+
+    def __getitem__(self, digest: Digest) -> Entry:
+        entry = self._ledger.overlay(digest, self._db.get(digest))
+        if entry is None:
+            raise KeyError(digest)
+        return entry
+
+    def __iter__(self) -> Iterator[Digest]:
+        pending = self._ledger.peek()
+        for digest in dict.fromkeys([*self._db.digests(), *pending.added]):
+            if digest in self:
+                yield digest
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, digest: object) -> bool:
+        if not isinstance(digest, Digest):
+            return False
+        return self._ledger.overlay(digest, self._db.get(digest)) is not None
 
 
 class Reaper(Service):
@@ -70,7 +106,11 @@ class Reaper(Service):
         self._db = StateDB(store.reaper_state)
         self.ready = False
         self._loop: LoopingCall | None = None
+        self._retry: IDelayedCall | None = None
         self._ticking = False
+        self._sweeps = DeferredLock()  # one expiry or eviction at a time
+        self._evict_queued = False
+        self._flush_lock = DeferredLock()  # one write of the ledger at a time
         self.stats = {"expired": 0, "evicted": 0, "freed": 0}
         # ``self.evict`` looked up at each request: replacing it replaces what is called.
         ledger.on_evict(lambda: self.evict())
@@ -78,12 +118,12 @@ class Reaper(Service):
     # -- what the pages read (regmirror.expiry.view) ----------------------------------
 
     @property
-    def entries(self) -> dict[Digest, Entry]:
-        return self.ledger.entries
+    def entries(self) -> Entries:
+        return Entries(self.ledger, self._db)
 
     @property
     def entry_count(self) -> int:
-        return len(self.ledger.entries)
+        return self.ledger.entry_count
 
     @property
     def usage(self) -> int:
@@ -109,9 +149,20 @@ class Reaper(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._start()
+
+    def _start(self) -> None:
+        def failed(f: Failure) -> None:
+            if f.check(Cancelled):
+                return  # stopping
+            log.failure("the reaper could not load its state; trying again", f)
+            if self.running:
+                self._retry = self._clock.callLater(max(self.interval, 1.0), self._start)
+
+        self._retry = None
         d = self.load()
         d.addCallback(lambda _: self._start_loop())
-        d.addErrback(lambda f: log.failure("the reaper could not start", f))
+        d.addErrback(failed)
 
     def _start_loop(self) -> None:
         if self.interval > 0 and self.running:
@@ -123,40 +174,52 @@ class Reaper(Service):
 
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return Deferred.fromCoroutine(self.flush())
+
+        if not self.ready:  # still settling: the state stays as it was, settled next time
+            self._db.cancel()
+            return None
+
+        async def stop() -> None:
+            await self.flush()
+            await self._run(self._db.close)
+
+        return Deferred.fromCoroutine(stop())
 
     def load(self) -> Deferred[None]:
-        """Read the saved state and settle it against the store (both in a thread)."""
-
-        def work() -> tuple[dict[Digest, Entry] | None, list[Stored]]:
-            return self._db.load(), self._store.scan()
-
-        d = self._run(work)
-        d.addCallback(lambda result: self._loaded(*result))
+        """Settle the saved state against a walk of the store (in a thread); the
+        mirror serves meanwhile, and what it records is written once this is done."""
+        d = self._run(self._db.settle, self._store)
+        d.addCallback(self._loaded)
         return d
 
-    def _loaded(self, saved: dict[Digest, Entry] | None, found: list[Stored]) -> None:
-        if saved is None and found:
+    def _loaded(self, settled: Settled) -> None:
+        if settled.rebuilt and settled.entries:
             log.warn(
                 "no usable reaper state: rebuilt from a scan of the store ({count} entries)",
-                count=len(found),
+                count=settled.entries,
             )
-        dropped = self.ledger.settle(saved, found)
-        if dropped:
-            log.info("dropped {count} entries whose files are gone", count=dropped)
+        if settled.dropped:
+            log.info("dropped {count} entries whose files are gone", count=settled.dropped)
+        if settled.adopted and not settled.rebuilt:
+            log.info("adopted {count} files without an entry", count=settled.adopted)
+        self.ledger.settled(settled.entries, settled.usage)
         self.ready = True
         log.info(
-            "reaper: {count} entries, {usage} bytes in the store",
-            count=len(self.ledger.entries),
-            usage=self.ledger.usage,
+            "reaper: settled: {count} entries, {usage} bytes in the store",
+            count=settled.entries,
+            usage=settled.usage,
         )
+        if self.ledger.over_quota and self.interval <= 0:
+            self.evict()  # else the first tick does, after what expired went
 
     # -- the periodic work -----------------------------------------------------------
 
     def tick(self) -> Deferred[None] | None:
-        """Expire what is due, evict above the quota, save what changed. Never raises:
+        """Save what changed, expire what is due, evict above the quota. Never raises:
         a LoopingCall stops for good on its first exception."""
         if self._ticking or not self.ready:
             return None
@@ -172,90 +235,111 @@ class Reaper(Service):
         return d
 
     async def _tick(self) -> None:
-        await self._expire()
-        await self._evict()
         await self.flush()
+        await self._sweeps.run(lambda: Deferred.fromCoroutine(self._expire()))
+        await self._sweeps.run(lambda: Deferred.fromCoroutine(self._evict()))
 
     def evict(self) -> Deferred[None] | None:
-        """Make room now (above the quota, or a full disk); never raises."""
-        if not self.ready:
+        """Make room now (above the quota, or a full disk); never raises. A request
+        while one waits to run joins it."""
+        if not self.ready or self._evict_queued:
             return None
-        d = Deferred.fromCoroutine(self._evict())
+        self._evict_queued = True
+
+        def run() -> Deferred[None]:
+            self._evict_queued = False
+            return Deferred.fromCoroutine(self._evict())
+
+        d = self._sweeps.run(run)
         d.addErrback(lambda f: log.failure("eviction failed", f))
         return d
+
+    def _removable(self, row: Row) -> bool:
+        return not self.ledger.pending(row.digest) and not self._in_use(row.digest)
 
     async def _expire(self) -> None:
         ledger = self.ledger
         if ledger.ttl <= 0:
             return
-        now = ledger.now()
-        due: list[Digest] = []
-        for handled, digest in enumerate(ledger.due(now), 1):
-            if digest is not None:
-                if self._in_use(digest):
-                    ledger.postpone(digest, now + self.interval)
-                else:
-                    due.append(digest)
-            if handled % SLICE == 0:
-                await self._yield()
-        removed = self._remove(due, "expired")
-        # Blobs that no live manifest references any more go with their manifests.
-        orphans = [
-            ref
-            for digest, entry in removed
-            if entry.kind == Kind.MANIFEST
-            for ref in entry.refs
-            if ref in ledger.entries and not ledger.referenced(ref) and not self._in_use(ref)
-        ]
-        self._remove(list(dict.fromkeys(orphans)), "expired")
-        await self._delete([d for d, _ in removed] + orphans)
+        cutoff = ledger.now() - ledger.ttl
+        after: tuple[float, int] | None = None
+        victims: list[Row] = []
+        while True:
+            rows: list[Row] = await self._run(self._db.expired, cutoff, after, SLICE)
+            if not rows:
+                break
+            after = rows[-1].at
+            victims += [row for row in rows if self._removable(row)]
+            if len(rows) < SLICE:
+                break
+            await self._yield()  # more to come: let the reactor have a turn
+            if len(victims) >= BATCH:
+                await self._remove_expired(victims)
+                victims = []
+        await self._remove_expired(victims)
+
+    async def _remove_expired(self, rows: list[Row]) -> None:
+        removed = await self._remove(rows, "expired")
+        # What no live manifest references any more goes with the manifests.
+        refs = [ref for row in removed if row.entry.kind == Kind.MANIFEST for ref in row.entry.refs]
+        if refs:
+            orphans: list[Row] = await self._run(self._db.unreferenced, refs)
+            await self._remove([row for row in orphans if self._removable(row)], "expired")
 
     async def _evict(self) -> None:
         ledger = self.ledger
         if not ledger.over_quota:
             return
-        victims: list[Digest] = []
+        await self.flush()  # what was added since is in the order too
+        count = 0
         projected = ledger.usage + ledger.reserved
-        for count, digest in enumerate(ledger.lru()):
-            if projected <= ledger.low:
+        after: tuple[float, int] | None = None
+        victims: list[Row] = []
+        while projected > ledger.low:
+            rows: list[Row] = await self._run(self._db.oldest, after, SLICE)
+            if not rows:
                 break
-            if self._in_use(digest):
-                continue
-            victims.append(digest)
-            projected -= ledger.entries[digest].size
-            if count % SLICE == SLICE - 1:
-                await self._yield()
-        removed = self._remove(victims, "evicted")
+            after = rows[-1].at
+            for row in rows:
+                if projected <= ledger.low:
+                    break
+                if self._removable(row):
+                    victims.append(row)
+                    projected -= row.entry.size
+            if len(rows) < SLICE:
+                break
+            await self._yield()
+            if len(victims) >= BATCH:
+                count += len(await self._remove(victims, "evicted"))
+                victims = []
+        count += len(await self._remove(victims, "evicted"))
         log.info(
             "quota: evicted {count} entries; {usage} bytes in use (high {high}, low {low})",
-            count=len(removed),
+            count=count,
             usage=ledger.usage,
             high=ledger.high,
             low=ledger.low,
         )
-        await self._delete([d for d, _ in removed])
 
-    def _remove(self, digests: list[Digest], why: str) -> list[tuple[Digest, Entry]]:
-        removed = []
-        for digest in digests:
-            entry = self.ledger.drop(digest)
-            if entry is None:
-                continue
-            removed.append((digest, entry))  # its files go, whatever the listener does
-            self.stats[why] += 1
+    async def _remove(self, rows: list[Row], why: str) -> list[Row]:
+        """Tell the listener, then delete the entries and their files (in a thread);
+        returns the entries that were still there."""
+        if not rows:
+            return []
+        for row in rows:
             try:
-                self._on_removed(entry.kind, digest)
+                self._on_removed(row.entry.kind, row.digest)
             except Exception:
-                log.failure("forgetting {digest} failed", digest=str(digest))
-        return removed
-
-    async def _delete(self, digests: list[Digest]) -> None:
-        if not digests:
-            return
-        for i in range(0, len(digests), BATCH):
-            freed = await self._run(self._store.remove, digests[i : i + BATCH])
-            self.stats["freed"] += freed
+                log.failure("forgetting {digest} failed", digest=str(row.digest))
+        digests = [row.digest for row in rows]
+        removed: list[Row] = await self._run(self._db.remove, digests)
+        self.ledger.removed(row.entry.size for row in removed)
+        self.stats[why] += len(removed)
+        # Its files go, whatever the listener or the database said.
+        freed = await self._run(self._store.remove, digests)
+        self.stats["freed"] += freed
         log.info("reaper removed {count} files", count=len(digests))
+        return removed
 
     async def _yield(self) -> None:
         d: Deferred[None] = Deferred()
@@ -263,12 +347,22 @@ class Reaper(Service):
         await d
 
     async def flush(self) -> None:
-        """Save what changed (in a thread); on failure, keep it for the next save."""
-        changes = self.ledger.take_changes()
-        if not changes:
+        """Write what changed (in a thread); on failure, keep it for the next write.
+        Nothing is written before the state is settled (the settling writes it then)."""
+        if not self.ready:
             return
+        await self._flush_lock.acquire()
         try:
-            await self._run(self._db.save, changes)
-        except Exception:
-            log.failure("cannot save the reaper state; will retry")
-            self.ledger.unsaved(changes)
+            pending = self.ledger.take()
+            if not pending:
+                self.ledger.flushed(0, 0)
+                return
+            try:
+                delta = await self._run(self._db.flush, pending)
+            except Exception:
+                log.failure("cannot save the reaper state; will retry")
+                self.ledger.unflushed(pending)
+                return
+            self.ledger.flushed(delta.entries, delta.usage)
+        finally:
+            self._flush_lock.release()

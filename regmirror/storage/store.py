@@ -27,12 +27,14 @@ by ``rename`` from ``_tmp`` (same file system), after its digest matched.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -47,6 +49,7 @@ log = get_logger()
 _LINKS = {Kind.MANIFEST: "_manifests", Kind.BLOB: "_layers"}  # per-repository links
 _TAGS = "_tags"
 _REFERRERS = "_referrers"
+_BLOB, _MANIFEST = Kind.BLOB.value, Kind.MANIFEST.value
 
 
 @attrs.frozen
@@ -64,6 +67,24 @@ class Stored:
     size: int
     mtime: float
     refs: tuple[Digest, ...] = ()  # what a manifest references
+
+
+class Named(NamedTuple):
+    """A verified blob or manifest found on disk by ``Store.names``: a tuple, light
+    enough to list a million of."""
+
+    digest: str  # "algorithm:hex", a valid digest
+    kind: str  # a ``Kind`` value
+
+
+class Listed(NamedTuple):
+    """A verified blob or manifest found on disk by ``Store.listing``, light enough to
+    list a million of (a tuple, the row the reaper's state database inserts)."""
+
+    digest: str  # "algorithm:hex", a valid digest
+    kind: str  # a ``Kind`` value
+    size: int
+    mtime: float
 
 
 class Store:
@@ -261,31 +282,75 @@ class Store:
     # -- what the reaper needs: everything there is, and removing it ----------------
 
     def scan(self) -> list[Stored]:
-        """Every verified blob and manifest (a directory walk: call it in a thread)."""
+        """Every verified blob and manifest, with what each manifest references (a
+        directory walk: call it in a thread)."""
         found = []
+        for listed in self.listing():
+            digest = Digest.parse(listed.digest)
+            kind = Kind(listed.kind)
+            refs = self.manifest_refs(listed.digest) if kind is Kind.MANIFEST else ()
+            found.append(Stored(digest, kind, listed.size, listed.mtime, refs))
+        return found
+
+    def listing(self) -> Iterator[Listed]:
+        """Every verified blob and manifest with its size and mtime, one directory at a
+        time (a walk: call it in a thread)."""
+        for directory in self._blob_dirs():
+            for named, entry in directory:
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                yield Listed(named.digest, named.kind, stat.st_size, stat.st_mtime)
+
+    def names(self) -> Iterator[Named]:
+        """Every verified blob and manifest by name only, without a ``stat`` per file
+        (a walk: call it in a thread)."""
+        for directory in self._blob_dirs():
+            for named, _ in directory:
+                yield named
+
+    def _blob_dirs(self) -> Iterator[list[tuple[Named, os.DirEntry[str]]]]:
+        """The verified content of each directory of ``blobs/``, one listing at a time:
+        a manifest is known by the ``.type`` file beside it in the same listing."""
         for algorithm_dir in _dirs(self.blobs):
             algorithm = os.path.basename(algorithm_dir)
+            valid = _hex_names(algorithm)
+            if valid is None:
+                continue  # not ours
             for prefix_dir in _dirs(algorithm_dir):
-                for entry in os.scandir(prefix_dir):
-                    if "." in entry.name or not entry.is_file():
-                        continue
-                    try:
-                        digest = Digest.parse(f"{algorithm}:{entry.name}")
-                    except DigestInvalid:
-                        continue  # not ours
-                    stat = entry.stat()
-                    if os.path.exists(entry.path + ".type"):
-                        try:
-                            with open(entry.path, "rb") as f:
-                                refs = manifest_references(f.read())
-                        except OSError:
-                            refs = ()
-                        found.append(
-                            Stored(digest, Kind.MANIFEST, stat.st_size, stat.st_mtime, refs)
-                        )
-                    else:
-                        found.append(Stored(digest, Kind.BLOB, stat.st_size, stat.st_mtime))
-        return found
+                try:
+                    with os.scandir(prefix_dir) as it:
+                        entries = list(it)
+                except FileNotFoundError:
+                    continue
+                typed = {e.name[:-5] for e in entries if e.name.endswith(".type")}
+                found = []
+                for entry in entries:
+                    name = entry.name
+                    if valid(name) and entry.is_file():
+                        kind = _MANIFEST if name in typed else _BLOB
+                        found.append((Named(f"{algorithm}:{name}", kind), entry))
+                yield found
+
+    def stat_named(self, named: Named) -> Listed | None:
+        """``named`` with its size and mtime; None when it is gone."""
+        algorithm, _, hexpart = named.digest.partition(":")
+        try:
+            stat = os.stat(f"{self.blobs}/{algorithm}/{hexpart[:2]}/{hexpart}")
+        except FileNotFoundError:
+            return None
+        return Listed(named.digest, named.kind, stat.st_size, stat.st_mtime)
+
+    def manifest_refs(self, digest: str) -> tuple[Digest, ...]:
+        """What the stored manifest ``digest`` ("algorithm:hex") references; () when it
+        cannot be read."""
+        try:
+            path = self.blob_path(Digest.parse(digest))
+            with open(path, "rb") as f:
+                return manifest_references(f.read())
+        except (OSError, DigestInvalid):
+            return ()
 
     def remove(self, digests: Iterable[Digest]) -> int:
         """Delete content, with the tags that resolve to it, the repository links to it
@@ -362,6 +427,18 @@ def _dirs(path: Path | str) -> list[str]:
         return [e.path for e in os.scandir(path) if e.is_dir()]
     except FileNotFoundError:
         return []
+
+
+def _hex_names(algorithm: str) -> Callable[[str], object] | None:
+    """A check of file names under ``blobs/ALGORITHM/``: what ``Digest.parse`` accepts
+    as the hex part (without parsing a million of them); None for an algorithm it does
+    not accept."""
+    try:
+        length = len(hashlib.new(algorithm).hexdigest())
+        Digest.parse(f"{algorithm}:{'0' * length}")
+    except (ValueError, TypeError, DigestInvalid):
+        return None
+    return re.compile(f"[0-9a-f]{{{length}}}").fullmatch
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.kinds import Kind
-from regmirror.storage.store import Store, Stored
+from regmirror.storage.store import Named, Store, Stored
 
 
 def test_temp_files_are_invisible_until_committed(tmp_path: Path) -> None:
@@ -103,6 +103,42 @@ def test_scan_finds_blobs_and_manifests_with_what_they_reference(tmp_path: Path)
     assert found[manifest].kind is Kind.MANIFEST
     assert found[manifest].size == len(data)
     assert found[manifest].refs == (blob,)
+
+
+def test_names_list_content_without_stat_and_skip_what_is_not_a_digest(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    blob, big = Digest.of(b"layer"), Digest.of(b"layer", "sha512")
+    for digest in (blob, big):
+        store.blob_path(digest).parent.mkdir(parents=True, exist_ok=True)
+        store.blob_path(digest).write_bytes(b"layer")
+    data = b'{"layers": []}'
+    manifest = Digest.of(data)
+    store.write_manifest(manifest, data, "application/vnd.oci.image.manifest.v1+json")
+    strays = [
+        store.blobs / "sha256" / "ab" / ("AB" * 32),  # not canonical
+        store.blobs / "sha256" / "ab" / "abc",  # too short
+        store.blobs / "md5" / "ab" / Digest.of(b"x", "md5").hex,  # not an algorithm of ours
+    ]
+    for stray in strays:
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(b"x")
+    (store.blobs / "sha256" / "ab" / ("ab" * 32)).mkdir()  # a directory is not content
+    names = sorted(store.names())
+    assert names == sorted(
+        [
+            Named(str(blob), "blob"),
+            Named(str(big), "blob"),
+            Named(str(manifest), "manifest"),
+        ]
+    )
+    listed = {x.digest: x for x in store.listing()}
+    assert listed[str(manifest)].size == len(data)
+    assert store.stat_named(Named(str(blob), "blob")) == listed[str(blob)]
+    os.unlink(store.blob_path(blob))
+    assert store.stat_named(Named(str(blob), "blob")) is None
+    assert store.manifest_refs(str(manifest)) == ()
+    assert store.manifest_refs(str(blob)) == ()  # gone
 
 
 def test_removed_content_takes_its_tags_and_repository_links(tmp_path: Path) -> None:
