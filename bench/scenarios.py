@@ -18,7 +18,6 @@ none always runs first on a noisy machine.
 
 from __future__ import annotations
 
-import importlib
 import math
 import shutil
 import sys
@@ -66,6 +65,7 @@ from bench.report import (
     rm_at_most_peer,
     rm_between,
 )
+from bench.storesize import store_size
 from tests.support.images import DOCKER_MANIFEST, Image, docker_image
 from tests.support.mirror import Mirror
 from tests.support.rawhttp import request
@@ -1026,21 +1026,6 @@ def rss_rows(ctx: Context) -> None:
                     digits=1,
                 )
             )
-
-
-def store_size(ctx: Context) -> None:
-    """9: the cost of a large store (bench/storesize.py, written beside this file):
-    synthetic stores of 10k / 100k / 1M blobs, start-up times and RSS."""
-    try:
-        storesize = importlib.import_module("bench.storesize")
-    except ModuleNotFoundError as e:
-        if e.name != "bench.storesize":
-            raise
-        message = "9 store-size: bench/storesize.py is not in this tree; not measured"
-        ctx.notes.append(message)
-        ctx.log(message)
-        return
-    storesize.store_size(ctx)
 
 
 SCENARIOS: dict[str, tuple[str, Callable[[Context], None]]] = {

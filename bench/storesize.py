@@ -321,7 +321,7 @@ def run(
 
 
 def store_size(ctx: Context) -> None:
-    """7: start-up time and RSS of regmirror against the entries in its store."""
+    """9: start-up time and RSS of regmirror against the entries in its store."""
     from bench.report import Row, Target
 
     sizes = (10_000, 100_000) if ctx.params.quick else SIZES
@@ -339,7 +339,7 @@ def store_size(ctx: Context) -> None:
         target: Target | None = None,
     ) -> Row:
         return Row(
-            "7 store size", metric, first, again, unit, digits, target=target, columns=columns
+            "9 store size", metric, first, again, unit, digits, target=target, columns=columns
         )
 
     def at_most(limit: float) -> Callable[[float | None, float | None], bool | None]:
