@@ -12,6 +12,7 @@ once, by ``responses``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -47,10 +48,10 @@ MAX_ROUTES = 10_000  # (method, path) -> Route remembered
 MAX_ACCEPTS = 1_000  # Accept headers parsed and remembered
 
 
-@attrs.frozen
-class CachedHit:
+class CachedHit(NamedTuple):
     """A request ``RegistryAPI.render`` would answer from memory: this manifest, to the
-    user the client authenticated as (None: anonymous, or no client authentication)."""
+    user the client authenticated as (None: anonymous, or no client authentication).
+    A NamedTuple: one is built per cached manifest served by the fast path."""
 
     manifest: Manifest
     user: str | None
@@ -97,12 +98,15 @@ class RegistryAPI(Resource):
         path: bytes,
         args: dict[bytes, list[bytes]],
         headers: Mapping[bytes, bytes],
+        accept: tuple[bytes, ...],
     ) -> CachedHit | None:
         """What ``render`` would answer from memory for a ``GET`` or ``HEAD`` (``headers``:
-        lower-case names, each once; no ``If-None-Match``), checked the same way: the
+        lower-case names, each once; no ``If-None-Match``; ``accept``: the values of
+        every ``Accept`` header, in order), checked the same way: the
         client's authentication (only as already known: no bcrypt run starts here), the
         route, ``?ns=``, the access rules, the client's ``Accept`` and the manifest's
-        freshness, with the same use recorded and the same hit counted. None for anything
+        freshness, with the same use recorded and the same hit counted (and
+        ``manifest_fast_hits``: the caller answers it). None for anything
         else, before any side effect: ``render`` then answers it as usual. (The channel's
         fast path, ``regmirror.http.fastpath``, asks this.)"""
         if len(uri) > self._max_url_length:
@@ -127,13 +131,13 @@ class RegistryAPI(Resource):
             r, cache = self._pick_ns(sent, ns)
             if self._access is not None and not self._access.allows(sent.name, r.name, cache):
                 return None
-            accept = headers.get(b"accept")
-            manifest = cache.fresh_manifest(
-                r.name, r.reference, self._accept_of((accept,) if accept is not None else ())
-            )
+            manifest = cache.fresh_manifest(r.name, r.reference, self._accept_of(accept))
         except RegistryError:
             return None
-        return CachedHit(manifest, user) if manifest is not None else None
+        if manifest is None:
+            return None
+        cache.stats["manifest_fast_hits"] += 1
+        return CachedHit(manifest, user)
 
     # -- routing ---------------------------------------------------------------------
 

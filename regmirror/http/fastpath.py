@@ -8,8 +8,8 @@ is between requests to ``FastPath.answer`` first:
 
 - ``parse_head`` reads a ``GET`` or ``HEAD`` of ``/v2/...`` in one pass, and gives up
   (``None``) on anything it does not fully understand or that Twisted treats specially:
-  a body, ``Expect``, a repeated or folded header, ``If-None-Match``, ``Connection`` on
-  HTTP/1.1 or no keep-alive on HTTP/1.0, a head larger than the listener's limits;
+  a body, ``Expect``, a folded header, a repeated one (but ``Accept``), ``If-None-Match``,
+  no keep-alive on HTTP/1.0, a head larger than the listener's limits;
 - ``RegistryAPI.cached_manifest`` (the /v2/ resource itself) says whether it would
   answer the request from memory, with the same authentication, routing, ``?ns=``,
   access rules, ``Accept`` and freshness as its ``render`` (and the same ``Usage`` call
@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 from twisted.web.http import parse_qs
 
 from regmirror.api.resource import RegistryAPI
@@ -44,16 +43,18 @@ _NOT_HERE = frozenset(
 MAX_SERIALISED = 10_000  # manifests whose response headers are kept
 
 
-@attrs.frozen
-class Head:
-    """A complete request head of a ``GET`` or ``HEAD`` under ``/v2/``."""
+class Head(NamedTuple):
+    """A complete request head of a ``GET`` or ``HEAD`` under ``/v2/`` (a NamedTuple:
+    built for every request, where an attrs class costs several times more)."""
 
     method: bytes
     uri: bytes  # the request target as sent
     path: bytes  # before ``?``
     args: dict[bytes, list[bytes]]
     version: bytes
-    headers: dict[bytes, bytes]  # lower-case name -> value, each name once
+    headers: dict[bytes, bytes]  # lower-case name -> value, each name once (not Accept)
+    accept: tuple[bytes, ...]  # every Accept header's value, in order (Go sends several)
+    close: bool  # HTTP/1.1 ``Connection: close`` (skopeo sends it): closed once answered
     length: int  # bytes of the head, its final empty line included
 
 
@@ -63,8 +64,15 @@ def parse_head(data: bytes, max_head: int, max_headers: int) -> Head | None:
     end = data.find(b"\r\n\r\n", 0, max_head)
     if end < 0:
         return None
-    lines = data[:end].split(b"\r\n")
-    if len(lines) - 1 > max_headers:
+    block = data[:end]
+    lines = block.split(b"\r\n")
+    crlfs = len(lines) - 1
+    if crlfs > max_headers:
+        return None
+    # No NUL, no CR or LF but the line ends. (``find`` and ``count``, not ``in``: a
+    # bytes ``in`` bytes first fails as an integer, and that error costs more than the
+    # search.)
+    if block.find(b"\x00") >= 0 or block.count(b"\r") != crlfs or block.count(b"\n") != crlfs:
         return None
     parts = lines[0].split(b" ")
     if len(parts) != 3:
@@ -75,26 +83,28 @@ def parse_head(data: bytes, max_head: int, max_headers: int) -> Head | None:
     if _TARGET.match(uri) is None:
         return None
     headers: dict[bytes, bytes] = {}
+    accept: list[bytes] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or _TOKEN.match(name) is None:
             return None
         name = name.lower()
+        if name == b"accept":
+            accept.append(value.strip(b" \t"))
+            continue
         if name in headers or name in _NOT_HERE:
             return None
-        value = value.strip(b" \t")
-        if b"\x00" in value or b"\r" in value or b"\n" in value:
-            return None
-        headers[name] = value
+        headers[name] = value.strip(b" \t")
     connection = headers.get(b"connection")
+    close = False
     if version == b"HTTP/1.1":
-        if connection is not None:
-            return None
-    elif connection is None or b"keep-alive" not in connection.lower():
+        # as HTTPChannel.checkPersistence reads it
+        close = connection is not None and b"close" in connection.lower().split(b" ")
+    elif connection is None or connection.lower().find(b"keep-alive") < 0:
         return None  # Twisted closes the connection after this answer
     path, sep, query = uri.partition(b"?")
     args = parse_qs(query, 1) if sep else {}
-    return Head(method, uri, path, args, version, headers, end + 4)
+    return Head(method, uri, path, args, version, headers, tuple(accept), close, end + 4)
 
 
 class ManifestResponses:
@@ -107,7 +117,9 @@ class ManifestResponses:
         self._x_cache = x_cache
         self._serialised: dict[tuple[Manifest, bool, bytes], bytes] = {}
 
-    def response(self, manifest: Manifest, head: bool, version: bytes, date: bytes) -> bytes:
+    def response(
+        self, manifest: Manifest, head: bool, version: bytes, date: bytes, close: bool = False
+    ) -> bytes:
         key = (manifest, head, version)
         rest = self._serialised.get(key)
         if rest is None:
@@ -115,7 +127,9 @@ class ManifestResponses:
             if len(self._serialised) >= MAX_SERIALISED:
                 self._serialised.clear()
             self._serialised[key] = rest
-        start = b"%s 200 OK\r\nServer: %s\r\nDate: " % (version, self._server)
+        # Twisted sets Connection: close first, when it reads the request head.
+        connection = b"Connection: close\r\n" if close else b""
+        start = b"%s 200 OK\r\n%sServer: %s\r\nDate: " % (version, connection, self._server)
         return b"".join((start, date, rest, b"" if head else manifest.data))
 
     def _serialise(self, manifest: Manifest, version: bytes) -> bytes:
@@ -156,11 +170,15 @@ class FastPath:
 
     def answer(self, head: Head, peer: Callable[[], Any]) -> bytes | None:
         """The complete response to ``head`` (logged), or None: the full path answers."""
-        hit = self._api.cached_manifest(head.method, head.uri, head.path, head.args, head.headers)
+        hit = self._api.cached_manifest(
+            head.method, head.uri, head.path, head.args, head.headers, head.accept
+        )
         if hit is None:
             return None
         is_head = head.method == b"HEAD"
-        response = self._responses.response(hit.manifest, is_head, head.version, self._date())
+        response = self._responses.response(
+            hit.manifest, is_head, head.version, self._date(), head.close
+        )
         length = 0 if is_head else len(hit.manifest.data)
         self._log(peer, hit.user, head.method, head.uri, 200, length)
         return response

@@ -157,6 +157,10 @@ class RegistryChannel(LimitedChannel):
             if response is None:
                 return data
             send_now(self.transport, response)
+            if head.close:  # as HTTPChannel does: what follows is dropped
+                self.persistent = False
+                self.loseConnection()
+                return b""
             data = data[head.length :]
             if not self.between_requests or self.transport is None:
                 return data  # the transport paused us, or went away

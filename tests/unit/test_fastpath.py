@@ -91,6 +91,7 @@ class Twins:
         self.full_h = Harness(tmp_path / "full")
         self.fast_h = Harness(tmp_path / "fast")
         self.serve()
+        self.fast_hits = 0  # of the last both()
 
     @property
     def harnesses(self) -> tuple[Harness, Harness]:
@@ -126,6 +127,7 @@ class Twins:
             closed = x.closed
             x.close()
             moved = Counter(h.cache.stats) - before[0], Counter(site.responses) - before[1]
+            self.fast_hits = moved[0].pop("manifest_fast_hits", 0)  # the fast site's only
             answers.append((out, closed, moved))
         assert answers[1] == answers[0]
         return answers[0][0], b"closed" if answers[0][1] else b"open"
@@ -172,6 +174,7 @@ def test_cached_manifests_are_answered_by_the_channel_with_the_full_paths_bytes(
     renders.count = 0
     answer, connection = twins.both(request, request)
     assert renders.count == 2  # the full site's; the fast site rendered nothing
+    assert twins.fast_hits == 2  # and counted them
     assert connection == b"open"
     assert answer.count(f"{proto} 200 OK\r\n".encode()) == 2
     assert answer.count(b"X-Cache: HIT\r\n") == 2
@@ -226,6 +229,29 @@ def test_other_targets_get_the_same_answer(twins: Twins, cached: str, target: st
     twins.both(get(target, f"Accept: {OCI}"))
 
 
+def test_accept_in_several_headers_as_go_clients_send_it_is_answered_fast(
+    twins: Twins, cached: str, renders: Renders
+) -> None:
+    renders.count = 0
+    for first, second in ((DOCKER, OCI), (OCI, DOCKER)):
+        answer, _ = twins.both(
+            get(f"/v2/team/app/manifests/{cached}", f"Accept: {first}", f"Accept:  {second} ")
+        )
+        assert b" 200 OK" in answer
+    assert renders.count == 2 and twins.fast_hits == 1
+
+
+def test_connection_close_as_skopeo_sends_it_is_answered_fast_then_closed(
+    twins: Twins, cached: str, renders: Renders
+) -> None:
+    request = get(f"/v2/team/app/manifests/{cached}", f"Accept: {OCI}", "Connection: close")
+    renders.count = 0
+    answer, connection = twins.both(request + request)  # the second one is dropped
+    assert renders.count == 1 and twins.fast_hits == 1
+    assert connection == b"closed" and answer.count(b" 200 OK") == 1
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\nConnection: close\r\nServer: ")
+
+
 def test_query_ns_of_the_upstream_is_answered_fast(
     twins: Twins, cached: str, renders: Renders
 ) -> None:
@@ -264,7 +290,7 @@ def test_pipelined_requests_keep_their_order(twins: Twins, cached: str, renders:
     # once 2.0 is cached, the same sequence is all fast
     renders.count = 0
     twins.both(hit + miss + head)
-    assert renders.count == 3
+    assert renders.count == 3 and twins.fast_hits == 3
 
 
 def test_a_head_split_over_reads_is_answered_the_same(twins: Twins, cached: str) -> None:
@@ -394,6 +420,7 @@ def test_a_tag_past_its_freshness_goes_to_the_full_path(
     renders.count = 0
     answer, _ = twins.both(get("/v2/team/app/manifests/1.0", f"Accept: {OCI}"))
     assert b" 200 OK" in answer and renders.count == 2  # the fast site revalidated in full
+    assert twins.fast_hits == 0
 
 
 # -- the same records --------------------------------------------------------------
@@ -453,6 +480,6 @@ def test_parse_head_reads_one_head_and_says_how_long_it_is() -> None:
         {b"ns": [b"x"]},
         b"HTTP/1.1",
     )
-    assert head.headers == {b"host": b"mirror.test", b"accept": b"*/*"}
+    assert head.headers == {b"host": b"mirror.test"} and head.accept == (b"*/*",)
     assert data[head.length :] == b"GET /next"
     assert parse_head(data[:30], 16 * 1024, 100) is None  # not complete yet
