@@ -1,13 +1,14 @@
 """Instructions per cached manifest GET, counted by callgrind: a measure of the hot
 path that the machine's load does not move (wall-clock rates here vary by ±30 %).
 
-    .venv/bin/python -m bench.instructions [--requests 2000] [--tree DIR]
+    .venv/bin/python -m bench.instructions [--requests 2000] [--tree DIR] [--full-path]
 
 Starts a docker-registry with one image and regmirror (twistd) under
 ``valgrind --tool=callgrind``, primes the manifest, sends ``--requests`` keep-alive GETs
 by digest with ``ab``, stops the mirror and reads callgrind's total; the same with no
 requests, and prints the difference per request. ``--tree`` measures another checkout
-(e.g. a worktree of an older commit) with this one's harness.
+(e.g. a worktree of an older commit) with this one's harness; ``--full-path`` turns the
+channel's fast path for cached manifests off (``regmirror.fast_path: false``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.support.rawhttp import request
 from tests.support.upstream import UpstreamRegistry
 
 
-def _count(tree: Path, requests: int, base: Path) -> int:
+def _count(tree: Path, requests: int, base: Path, settings: dict[str, object]) -> int:
     out = base / f"callgrind.{requests}"
     wrapper = base / f"python-{requests}.sh"
     wrapper.write_text(
@@ -42,7 +43,7 @@ def _count(tree: Path, requests: int, base: Path) -> int:
             base / f"mirror-{requests}",
             registry.url,
             log_level="warn",
-            extra={"regmirror": {"access_log": False}},
+            extra={"regmirror": {"access_log": False, **settings}},
             repo_root=tree,
             env={"PYTHONPATH": str(tree)},
             python=str(wrapper),
@@ -76,14 +77,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--tree", type=Path, default=REPO_ROOT)
+    parser.add_argument("--full-path", action="store_true", help="regmirror.fast_path: false")
     args = parser.parse_args()
+    settings: dict[str, object] = {"fast_path": False} if args.full_path else {}
     require_tool("valgrind")
     with tempfile.TemporaryDirectory(prefix="regmirror-instructions-") as tmp:
         base = Path(tmp)
-        idle = _count(args.tree.resolve(), 0, base)
-        busy = _count(args.tree.resolve(), args.requests, base)
+        idle = _count(args.tree.resolve(), 0, base, settings)
+        busy = _count(args.tree.resolve(), args.requests, base, settings)
     per = (busy - idle) / args.requests
-    print(f"{args.tree}: {per:,.0f} instructions per cached manifest GET "
+    path = " (full path)" if args.full_path else ""
+    print(f"{args.tree}{path}: {per:,.0f} instructions per cached manifest GET "
           f"({args.requests} requests; start-up {idle:,} subtracted)")  # fmt: skip
 
 

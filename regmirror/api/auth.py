@@ -184,6 +184,16 @@ class Htpasswd:
         self._failed.clear()
         self._generation += 1
 
+    def remembered(self, header: bytes | None) -> str | None:
+        """The user an ``Authorization`` header is already known to authenticate, or
+        None (not known now: ``authenticate`` decides). The file is looked at as in
+        ``authenticate``, so a changed file is seen within the same second."""
+        if self._clock.seconds() >= self._next_check:
+            self.reload()
+        if not header:
+            return None
+        return self._verified.get(hashlib.sha256(header).digest())
+
     def authenticate(self, header: bytes | None) -> str | Deferred[str | None] | None:
         """The user name for an ``Authorization`` header, or None: at once when the answer
         is known, else a Deferred (a bcrypt check running in a thread)."""

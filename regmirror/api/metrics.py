@@ -64,6 +64,10 @@ class MirrorCollector(Collector):
                 "regmirror_manifest_hits",
                 "Manifest requests answered from memory or disk without asking upstream",
             ),
+            "manifest_fast_hits": (
+                "regmirror_manifest_fast_hits",
+                "Manifest hits answered by the connection's fast path (part of manifest_hits)",
+            ),
             "manifest_fetches": ("regmirror_upstream_manifest_fetches", "Manifest GETs upstream"),
             "tag_checks": ("regmirror_tag_revalidations", "Tag revalidations (HEAD) upstream"),
             "stale": ("regmirror_stale_tags_served", "Tags served stale: upstream unavailable"),

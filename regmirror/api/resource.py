@@ -11,6 +11,9 @@ once, by ``responses``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
@@ -34,6 +37,7 @@ from regmirror.domain.digest import Digest
 from regmirror.domain.errors import RegistryError, Unsupported
 from regmirror.domain.media import OCI_INDEX, Accept
 from regmirror.mirror.cache import Cache
+from regmirror.mirror.manifests import Manifest
 from regmirror.mirror.mirrors import Mirrors
 from regmirror.mirror.sources import CommittedBlob
 
@@ -42,6 +46,15 @@ from regmirror.mirror.sources import CommittedBlob
 X_CACHE, HIT, MISS = b"x-cache", b"HIT", b"MISS"
 MAX_ROUTES = 10_000  # (method, path) -> Route remembered
 MAX_ACCEPTS = 1_000  # Accept headers parsed and remembered
+
+
+class CachedHit(NamedTuple):
+    """A request ``RegistryAPI.render`` would answer from memory: this manifest, to the
+    user the client authenticated as (None: anonymous, or no client authentication).
+    A NamedTuple: one is built per cached manifest served by the fast path."""
+
+    manifest: Manifest
+    user: str | None
 
 
 class RegistryAPI(Resource):
@@ -78,6 +91,54 @@ class RegistryAPI(Resource):
             return render_error(request, error)
         return behind(self._auth, request, self._dispatch)
 
+    def cached_manifest(
+        self,
+        method: bytes,
+        uri: bytes,
+        path: bytes,
+        args: dict[bytes, list[bytes]],
+        headers: Mapping[bytes, bytes],
+        accept: tuple[bytes, ...],
+    ) -> CachedHit | None:
+        """What ``render`` would answer from memory for a ``GET`` or ``HEAD`` (``headers``:
+        lower-case names, each once; no ``If-None-Match``; ``accept``: the values of
+        every ``Accept`` header, in order), checked the same way: the
+        client's authentication (only as already known: no bcrypt run starts here), the
+        route, ``?ns=``, the access rules, the client's ``Accept`` and the manifest's
+        freshness, with the same use recorded and the same hit counted (and
+        ``manifest_fast_hits``: the caller answers it). None for anything
+        else, before any side effect: ``render`` then answers it as usual. (The channel's
+        fast path, ``regmirror.http.fastpath``, asks this.)"""
+        if len(uri) > self._max_url_length:
+            return None
+        user = None
+        if self._auth is not None:
+            authorization = headers.get(b"authorization")
+            user = self._auth.htpasswd.remembered(authorization)
+            if user is None and not (self._auth.anonymous_read and not authorization):
+                return None
+        try:
+            sent = self._route(method, path)
+            if sent.kind is not RouteKind.MANIFEST:
+                return None
+            ns = None
+            if args:
+                values = args.get(b"ns")
+                if values:
+                    ns = values[0].decode("utf-8", "replace")
+                    if ns not in self._mirrors.by_name:
+                        return None  # refused, or served by the only upstream: logged there
+            r, cache = self._pick_ns(sent, ns)
+            if self._access is not None and not self._access.allows(sent.name, r.name, cache):
+                return None
+            manifest = cache.fresh_manifest(r.name, r.reference, self._accept_of(accept))
+        except RegistryError:
+            return None
+        if manifest is None:
+            return None
+        cache.stats["manifest_fast_hits"] += 1
+        return CachedHit(manifest, user)
+
     # -- routing ---------------------------------------------------------------------
 
     def _route(self, method: bytes, path: bytes) -> Route:
@@ -95,7 +156,9 @@ class RegistryAPI(Resource):
         """The upstream a request is for (``?ns=``, a path prefix, or the default)."""
         if not r.name:
             return r, self._mirrors.default
-        ns = query_str(request, b"ns") if request.args else None
+        return self._pick_ns(r, query_str(request, b"ns") if request.args else None)
+
+    def _pick_ns(self, r: Route, ns: str | None) -> tuple[Route, Cache]:
         cache, name = self._mirrors.pick(r.name, ns)
         return (r if name == r.name else attrs.evolve(r, name=name)), cache
 
@@ -121,7 +184,10 @@ class RegistryAPI(Resource):
 
     def _accept(self, request: Request) -> Accept:
         headers = request.requestHeaders.getRawHeaders(b"accept")
-        key = tuple(headers) if headers else ()
+        return self._accept_of(tuple(headers) if headers else ())
+
+    def _accept_of(self, key: tuple[bytes, ...]) -> Accept:
+        """The ``Accept`` header values ``key``, parsed (remembered for the ones seen most)."""
         accept = self._accepts.get(key)
         if accept is None:
             accept = Accept.parse([h.decode("latin-1") for h in key])

@@ -158,6 +158,7 @@ def add_listener(
     site = make_site(
         cache,
         access_log=config.access_log,
+        fast_path=config.fast_path,
         tls=tls is not None,
         auth=auth,
         access=AccessRules(config.access.allow, config.access.deny),

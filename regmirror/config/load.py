@@ -122,6 +122,7 @@ def parse_config(data: object, source: str = "<default>") -> tuple[Config, list[
             max_url_length=values["regmirror.max_url_length"],
         ),
         access_log=values["regmirror.access_log"],
+        fast_path=values["regmirror.fast_path"],
         fsync=values["regmirror.fsync"],
         manifest_cache_size=values["regmirror.manifest_cache_size"],
         max_manifest_size=values["regmirror.max_manifest_size"],

@@ -172,6 +172,7 @@ class Config:
     prefetch_concurrency: int = 3
     cluster: ClusterConfig | None = None  # regmirror.cluster.redis set
     workers: int = 1  # processes sharing the listener (regmirror.app.workers)
+    fast_path: bool = True  # cached manifests answered by the channel (http.fastpath)
     ignored: tuple[str, ...] = ()
 
     @property

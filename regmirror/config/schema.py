@@ -74,6 +74,7 @@ SCHEMA: dict[str, tuple[Callable[[object], Any], Any]] = {
     # regmirror's own extensions
     "regmirror.tag_freshness": (parse_duration, 30.0),
     "regmirror.access_log": (boolean, True),
+    "regmirror.fast_path": (boolean, True),
     "regmirror.fsync": (boolean, True),
     "regmirror.access.allow": (strings, ()),
     "regmirror.access.deny": (strings, ()),

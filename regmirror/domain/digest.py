@@ -13,7 +13,7 @@ _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _HEX = re.compile(r"[0-9a-f]+\Z")
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)  # hashed several times per cached request
 class Digest:
     algorithm: str
     hex: str

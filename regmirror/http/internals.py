@@ -12,8 +12,13 @@ else in regmirror touches a Twisted attribute that starts with an underscore.
   call (``TransportProxyProducer._producer``, ``FileDescriptor.bufferSize``);
 - ``enlarge_tcp_buffers``: the TCP transport under TLS holds and sends more per call
   (``bufferSize``, ``SEND_LIMIT``);
-- ``ChannelInternals``: ``HTTPChannel``'s request-head state, and its bad-request hook,
-  under public names (``_handlingRequest``, ``_command``, ``_receivedHeaderSize``,
+- ``send_now``: a response written to a plain TCP socket at once when the transport
+  holds nothing (``FileDescriptor._tempDataLen``, ``dataBuffer``, ``offset``,
+  ``_writeDisconnected``, ``socket``), not on the reactor's next write turn;
+- ``ChannelInternals``: ``HTTPChannel``'s request-head state, whether it is between two
+  requests, and its bad-request hook, under public names (``_handlingRequest``,
+  ``_command``, ``_receivedHeaderSize``, ``_dataBuffer``, ``_waitingForTransport``,
+  ``LineReceiver._buffer`` and ``_busyReceiving``, ``__first_line``,
   ``_respondToBadRequestAndDisconnect``);
 - ``TLSTransportInternals``: ``BufferingTLSTransport``'s write path, under public names
   (``_write``, ``_flushSendBIO``, ``_tlsConnection``, ``_lostTLSConnection``,
@@ -66,6 +71,30 @@ def zero_copy_socket(request: Request) -> TCPZeroCopy | None:
     return None
 
 
+def send_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but on a plain TCP connection whose buffer is empty the
+    bytes go to the socket at once: a small response then costs one ``send`` instead of
+    a write registration with the reactor and a ``send`` on its next turn. What the
+    socket does not take (or any error) goes through ``transport.write``, so the
+    transport's own buffering, producer pausing and error handling apply as usual."""
+    if (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and len(transport.dataBuffer) <= transport.offset
+        and not ISSLTransport.providedBy(transport)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, or an error the transport reports when it writes
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 # -- TCP buffers --------------------------------------------------------------------
 
 
@@ -105,6 +134,24 @@ class ChannelInternals(HTTPChannel):
     def in_request_head(self) -> bool:
         """The request line was received; header lines are being read."""
         return hasattr(self, "_command")
+
+    @property
+    def between_requests(self) -> bool:
+        """Waiting for a new request line: nothing of a request received or buffered,
+        no request being answered or queued, not inside the line parser (a pipelined
+        request replayed from it), reading not paused, the connection persistent."""
+        return bool(
+            not self._handlingRequest
+            and not self.requests
+            and self.persistent
+            and self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and not self.paused
+            and not self._dataBuffer
+            and not self._waitingForTransport
+            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+        )
 
     @property
     def received_header_size(self) -> int:

@@ -7,8 +7,9 @@ The classes here add what the listener needs and Twisted does not do by itself:
 - ``RegistryRequest`` keeps HTTP/1.0 ``Connection: keep-alive`` connections open when
   the response has a Content-Length (Twisted closes every HTTP/1.0 connection) and names
   the server;
-- ``RegistryChannel`` answers a TLS handshake on a plain-HTTP port at once, and enforces
-  the listener's ``Limits`` (``LimitedChannel``);
+- ``RegistryChannel`` answers a TLS handshake on a plain-HTTP port at once, enforces
+  the listener's ``Limits`` (``LimitedChannel``), and answers cached manifests itself
+  when the API says it would answer them from memory (``regmirror.http.fastpath``);
 - ``RegistrySite`` writes the access log as a structured event (or not at all) and
   counts responses by status, for the metrics.
 """
@@ -29,10 +30,12 @@ from twisted.web.server import Request, Site
 
 from regmirror.api.access import AccessRules
 from regmirror.api.auth import ClientAuth, authenticated_user
-from regmirror.api.resource import make_root
+from regmirror.api.resource import HIT, RegistryAPI, make_root
+from regmirror.api.responses import API_VERSION
 from regmirror.api.senders import Streaming
 from regmirror.config import Limits
-from regmirror.http.internals import zero_copy_socket
+from regmirror.http.fastpath import FastPath, ManifestResponses, parse_head
+from regmirror.http.internals import send_now, zero_copy_socket
 from regmirror.http.limits import LimitedChannel
 from regmirror.logs import get_logger
 from regmirror.mirror.cache import Cache
@@ -107,6 +110,7 @@ class RegistryChannel(LimitedChannel):
     site: Site  # set by Site.buildProtocol
     sniff_tls = True
     keep_alive_1_0 = False
+    fast: FastPath | None = None  # set by RegistrySite.buildProtocol
     _host: Any = None
 
     def getHost(self) -> Any:
@@ -132,7 +136,35 @@ class RegistryChannel(LimitedChannel):
                 )
                 self.transport.loseConnection()
                 return
+        if self.fast is not None and self._head_timer is None and not self._refused:
+            data = self._answer_cached(self.fast, data)
+            if not data:
+                return
         super().dataReceived(data)
+
+    def _answer_cached(self, fast: FastPath, data: bytes) -> bytes:
+        """Answer the cached manifests asked for at the start of ``data`` (complete
+        request heads, one after the other, while the channel is between requests);
+        what is left goes to the full path, in order."""
+        if not self.between_requests:
+            return data
+        self.resetTimeout()  # as HTTPChannel.dataReceived does
+        while data:
+            head = parse_head(data, self.totalHeadersSize, self.maxHeaders)
+            if head is None:
+                return data
+            response = fast.answer(head, self.getPeer)
+            if response is None:
+                return data
+            send_now(self.transport, response)
+            if head.close:  # as HTTPChannel does: what follows is dropped
+                self.persistent = False
+                self.loseConnection()
+                return b""
+            data = data[head.length :]
+            if not self.between_requests or self.transport is None:
+                return data  # the transport paused us, or went away
+        return b""
 
 
 class RegistrySite(Site):
@@ -149,6 +181,7 @@ class RegistrySite(Site):
         tls: bool = False,
         limits: Limits | None = None,
         server: bytes = SERVER,
+        fast_path: bool = True,
         **kwargs: Any,
     ) -> None:
         limits = limits or Limits()
@@ -160,27 +193,48 @@ class RegistrySite(Site):
         self._access_log = access_log
         self.responses: Counter[int] = Counter()  # status -> count, for metrics
         self.noisy = False
+        api = resource.getStaticEntity(b"v2")
+        self.fast = (
+            FastPath(api, ManifestResponses(server, API_VERSION, HIT), http_date, self._log_access)
+            if fast_path and isinstance(api, RegistryAPI)
+            else None
+        )
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         if isinstance(channel, RegistryChannel):
             channel.configure(self.limits)
             channel.sniff_tls = not self.tls
+            channel.fast = self.fast
         return channel
 
     def log(self, request: http.Request) -> None:
-        self.responses[request.code] += 1
+        self._log_access(
+            request.getClientAddress,
+            authenticated_user(request),
+            request.method,
+            request.uri,
+            request.code,
+            request.sentLength,
+        )
+
+    def _log_access(
+        self, peer: Any, user: str | None, method: bytes, uri: bytes, code: int, length: int
+    ) -> None:
+        """Count a response; log it unless the access log is off (``peer()``: the
+        client's address, asked only then)."""
+        self.responses[code] += 1
         if not self._access_log:
             return
-        address = request.getClientAddress()
+        address = peer()
         log.info(
             '{client} {user} "{method} {uri}" {code} {length}',
             client=address.host if hasattr(address, "host") else "-",
-            user=authenticated_user(request) or "-",
-            method=request.method.decode("latin-1"),
-            uri=request.uri.decode("latin-1")[:500],
-            code=request.code,
-            length=request.sentLength,
+            user=user or "-",
+            method=method.decode("latin-1"),
+            uri=uri.decode("latin-1")[:500],
+            code=code,
+            length=length,
         )
 
 
@@ -194,6 +248,7 @@ def make_site(
     access: AccessRules | None = None,
     limits: Limits | None = None,
     worker: int | None = None,
+    fast_path: bool = True,
 ) -> RegistrySite:
     """The site of a listener: the API behind ``auth`` and ``access``, within
     ``limits``; blobs go out with sendfile where the connection allows it, and a client
@@ -204,5 +259,11 @@ def make_site(
     root = make_root(cache, auth=auth, access=access, limits=limits, streaming=streaming)
     server = SERVER if worker is None else SERVER + b" worker/%d" % worker
     return RegistrySite(
-        root, access_log=access_log, tls=tls, limits=limits, server=server, reactor=reactor
+        root,
+        access_log=access_log,
+        tls=tls,
+        limits=limits,
+        server=server,
+        fast_path=fast_path,
+        reactor=reactor,
     )

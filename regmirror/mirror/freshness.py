@@ -25,7 +25,7 @@ from regmirror.domain.media import Accept
 from regmirror.reactor import ReactorTime
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a dict key, hashed several times per tag request
 class TagRef:
     upstream: str
     repository: str  # as the upstream names it

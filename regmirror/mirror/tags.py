@@ -15,6 +15,7 @@ others serve what it found.
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 
 from regmirror.domain.digest import Digest
 from regmirror.domain.errors import ManifestUnknown, NameUnknown, RegistryError
@@ -33,6 +34,11 @@ from regmirror.upstream.remote import RemoteRegistry
 log = get_logger()
 
 Variants = dict[str, str]  # media type -> digest, as last seen upstream
+MAX_REFS = 10_000  # (repository, tag) -> TagRef remembered
+
+# The digests tags resolve to, parsed once (a fresh tag is answered from memory, and a
+# parse is a large part of that answer); invalid ones raise, and are not remembered.
+_digest = lru_cache(maxsize=MAX_REFS)(Digest.parse)
 
 
 class Tags:
@@ -59,6 +65,7 @@ class Tags:
         self._stats = stats
         self._flight: SingleFlight[Manifest] = SingleFlight()
         self._variants: dict[TagRef, Variants] = {}
+        self._refs: dict[tuple[str, str], TagRef] = {}
 
     def fresh(self, repository: str, tag: str, accept: Accept) -> Manifest | None:
         """The cached manifest a tag resolves to, if it was checked within its freshness
@@ -169,7 +176,12 @@ class Tags:
         return manifest
 
     def _ref(self, repository: str, tag: str) -> TagRef:
-        return TagRef(self._remote.name, repository, tag)
+        ref = self._refs.get((repository, tag))
+        if ref is None:
+            if len(self._refs) >= MAX_REFS:
+                self._refs.clear()
+            ref = self._refs[repository, tag] = TagRef(self._remote.name, repository, tag)
+        return ref
 
     def _load(self, ref: TagRef) -> Variants:
         variants = self._variants.get(ref)
@@ -231,5 +243,5 @@ def _pick(variants: Variants, accept: Accept) -> tuple[str, Digest] | None:
     """The digest last seen for the most recent media type the client accepts."""
     for media_type, digest in reversed(variants.items()):
         if accept.accepts(media_type):
-            return media_type, Digest.parse(digest)
+            return media_type, _digest(digest)
     return None

@@ -35,6 +35,7 @@ from regmirror.http.internals import (
     TLSTransportInternals,
     enlarge_tcp_buffers,
     read_more_at_once,
+    send_now,
     zero_copy_socket,
 )
 from regmirror.http.tls import ServerTLS, TLSFactory
@@ -134,6 +135,42 @@ def test_zero_copy_is_only_for_a_plain_tcp_connection(
     assert zero_copy_socket(request) is None
 
 
+def test_send_now_writes_to_an_empty_tcp_connection_at_once(
+    connection: tuple[tcp.Connection, socket.socket, FDs],
+) -> None:
+    for name in ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected", "socket"):
+        assert hasattr(connection[0], name), name
+    conn, theirs, reactor = connection
+    send_now(conn, b"HTTP/1.1 200 OK\r\n\r\n")
+    assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert conn not in reactor.writers  # nothing left for the reactor to write
+
+
+def test_send_now_leaves_to_the_transport_what_it_must_keep_in_order(
+    connection: tuple[tcp.Connection, socket.socket, FDs],
+) -> None:
+    conn, theirs, reactor = connection
+    conn.write(b"first ")  # held by the transport: what follows must queue behind it
+    send_now(conn, b"second")
+    assert conn in reactor.writers
+    conn.doWrite()
+    assert theirs.recv(100) == b"first second"
+    theirs.setblocking(False)
+    big = b"x" * (16 * 1024 * 1024)  # more than the socket takes: the rest is buffered
+    send_now(conn, big)
+    assert conn in reactor.writers and conn._tempDataLen + len(conn.dataBuffer) > 0
+    received = b""
+    while len(received) < len(big):
+        try:
+            received += theirs.recv(1 << 20)
+        except BlockingIOError:
+            conn.doWrite()
+    assert received == big
+    directlyProvides(conn, ISSLTransport)
+    send_now(conn, b"tls")  # never straight to the socket of a TLS connection
+    assert conn in reactor.writers
+
+
 # -- TCP buffers --------------------------------------------------------------------
 
 
@@ -210,6 +247,42 @@ def test_the_http_channel_request_head_state_is_where_limits_look() -> None:
     assert ch.received_header_size == len(b"GET /v2/ HTTP/1.1") + len(b"Host: mirror")
     ch.dataReceived(b"\r\n")
     assert ch.handling_request and not ch.in_request_head
+
+
+def test_between_requests_is_true_only_when_nothing_of_a_request_is_pending() -> None:
+    answered: list[Request] = []
+
+    class Answering(Request):
+        def process(self) -> None:
+            answered.append(self)
+
+    ch = ChannelInternals()
+    ch.requestFactory = Answering
+    transport = StringTransport()
+    ch.makeConnection(transport)
+    assert ch.between_requests
+    ch.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: x")
+    assert not ch.between_requests  # a head in part (the line parser's buffer)
+    ch.dataReceived(b"\r\n\r\nGET /v2/a HTTP/1.1\r\n\r\n")
+    assert not ch.between_requests  # one being answered, one more buffered
+    assert len(answered) == 1
+    seen: list[bool] = []
+    process = Answering.process
+
+    def replayed(self: Request) -> None:
+        seen.append(ch.between_requests)
+        process(self)
+
+    Answering.process = replayed  # type: ignore[method-assign]
+    answered[0].finish()  # the buffered request is replayed, from the line parser
+    assert len(answered) == 2 and seen == [False]
+    answered[1].finish()
+    assert ch.between_requests
+    ch.dataReceived(b"\r\n")  # an extra empty line, eaten once
+    assert not ch.between_requests
+    ch.dataReceived(b"GET /v2/ HTTP/1.0\r\n\r\n")
+    answered[2].finish()
+    assert not ch.between_requests  # HTTP/1.0: not persistent
 
 
 def test_a_malformed_request_head_goes_to_bad_request() -> None:
