@@ -54,6 +54,20 @@ the upstream (`tests/support/upstream.py`), and the tests' own HTTP clients.
 * **Clients**: hang-ups at random points (before sending, mid request head, after the
   request, after N body bytes; FIN or RST), on cached blobs and on fetches in flight; a
   soak of 120 connections mixing hits, misses, `HEAD`s, `Range`s and bad requests.
+* **The cluster** (`tests/faults/cluster/`: three `twistd` replicas on one shared
+  store, a real `redis-server`): a replica in a network namespace of its own, made by
+  the test (`tests/support/netns.py`), with one veth link for its clients and the
+  upstream and another for Redis only; the partition sets the root end of the Redis
+  link down, so packets vanish without an error, as on a failing network. A fetch
+  lease holder and the reaper leader stopped with `SIGSTOP` past their leases, then
+  resumed while another replica has taken over. Redis killed and restarted empty on
+  its port, mid-fetch and mid-expiry. The shared store (ext4 on a loop device,
+  `tests/support/loopfs.py`) frozen with `fsfreeze` mid-fetch: this machine has cgroup
+  v1, whose blkio throttle does not see buffered writes, and `SIGSTOP` would pause the
+  whole process, not its I/O. The fencing of the reaper is proven by the test itself:
+  `REGMIRROR_FAULTS_UNFENCED=1` loads `tests/faults/cluster/unfenced.py` into one
+  replica, which removes the fencing check from its claim script, and the test then
+  fails (65,536 verified bytes lost: the hot blobs deleted).
 * **Everything at once, at random**: a hypothesis state machine
   (`tests/faults/test_stateful.py`) drives sequences of requests, upstream faults,
   purges and restarts against a model of what the cache must hold and may serve.
@@ -96,6 +110,26 @@ One row's test alone: the command under its table.
   client (its last byte held until the digest matched), not stored, and the log says
   why (`regmirror/mirror/blobs.py`, `regmirror/storage/store.py`; found by the tmpfs
   test).
+* **A replica cut off from Redis could cut the cluster's followers.** It fetched alone
+  and committed its own copy while the cluster's holder was still writing; the other
+  replicas' followers took that copy for the holder's commit and read past the end of
+  the partial file they had open. Now the store's file counts as the commit only if it
+  is the file followed (same inode) or the holder said the digest matched
+  (`regmirror/fetch/remote.py`; found by the partition test).
+* **After Redis lost its data, old hot blobs were expired at once.** The new reaper
+  leader adopted each file with its mtime (when it was fetched) as its last use, so a
+  blob older than the TTL went at the first tick however often it was used. Adopted
+  files now get a full TTL; the cost is expiry delayed by up to one TTL and no LRU
+  order among adopted files (`regmirror/expiry/clusterreaper.py`; found by the Redis
+  loss test).
+
+Found and left (docs/scaling.md, failure modes): a fetch *started* while the shared
+store is frozen blocks that replica's reactor until the thaw (the temporary file is
+created, and the commit renamed, on the reactor thread); fetches in flight and cached
+GETs are not affected. Followers of a holder that dies or stops past its lease are cut,
+not continued (clients retry and are served): continuing them safely needs the new
+fetch to check the old file's prefix. A disk that fills during a fetch gives its
+client a cut `200`: once the headers are sent that is the only honest answer.
 """
 
 COLUMNS = (
