@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -322,7 +322,7 @@ def run(
 
 def store_size(ctx: Context) -> None:
     """9: start-up time and RSS of regmirror against the entries in its store."""
-    from bench.report import Row, Target
+    from bench.report import Check, Row, Target
 
     sizes = (10_000, 100_000) if ctx.params.quick else SIZES
     work = ctx.tmp / "storesize"
@@ -342,8 +342,9 @@ def store_size(ctx: Context) -> None:
             "9 store size", metric, first, again, unit, digits, target=target, columns=columns
         )
 
-    def at_most(limit: float) -> Callable[[float | None, float | None], bool | None]:
-        return lambda a, b: None if a is None or b is None else max(a, b) <= limit
+    def at_most(limit: float) -> Check:
+        """Both starts (first, restart: the row's two values) within ``limit``."""
+        return lambda v: None if v.dist is None or v.rm is None else max(v.dist, v.rm) <= limit
 
     empty_row = row("RSS, empty store", empty.rss_mb, None, "MB", digits=1)
     empty_row.show_ratio = False
