@@ -522,11 +522,12 @@ def _cached_blob_over_tls(ctx: Context, size: int) -> dict[str, list[float]]:
         for j in range(p.cached_blob_runs):
             for side in ctx.order(j, tls.sides):
                 url = side.blob_url(BLOB_REPO, digest)
-                result = ctx.attempt(
-                    side,
-                    "cached blob GET over TLS",
-                    lambda u=url: curl_get(u, expect_size=size, cacert=cacert),
-                )
+                with ctx.profiled(side, "3 cached blob get tls", j + 1):
+                    result = ctx.attempt(
+                        side,
+                        "cached blob GET over TLS",
+                        lambda u=url: curl_get(u, expect_size=size, cacert=cacert),
+                    )
                 if result is not None:
                     speeds[side.key].append(result.speed / MiB)
             ctx.log(f"3 cached blob GET over TLS {j + 1}/{p.cached_blob_runs}")
