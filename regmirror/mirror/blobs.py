@@ -34,7 +34,11 @@ log = get_logger()
 
 
 class _TooBig(Exception):
-    """The blob cannot fit in the quota: pass it through instead."""
+    """The blob cannot be cached (``why``: the quota, or the disk): pass it through."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 class Blobs:
@@ -86,8 +90,8 @@ class Blobs:
             fetch = await self._inflight.join_or_start(
                 digest, lambda lease: self._start(repository, digest, lease)
             )
-        except _TooBig:
-            return await self._pass_through(repository, digest)
+        except _TooBig as e:
+            return await self._pass_through(repository, digest, e.why)
         if fetch.size is not None and not fetch.failed:
             try:
                 fd = fetch.open_reader()
@@ -125,15 +129,16 @@ class Blobs:
         self._usage.used(digest)
         return CommittedBlob(*opened, release=self._inflight.reading(digest))
 
-    async def _pass_through(self, repository: str, digest: Digest) -> PassThrough:
+    async def _pass_through(self, repository: str, digest: Digest, why: str) -> PassThrough:
         got = await self._remote.get_blob(repository, digest)
         if got.size is None:
             await got.discard()
             raise Unavailable("the upstream sent no blob size", {"digest": str(digest)})
         log.warn(
-            "blob {digest} ({size} bytes) does not fit in the cache quota: passed through",
+            "blob {digest} ({size} bytes) {why}: passed through",
             digest=str(digest),
             size=got.size,
+            why=why,
         )
         self._stats["blob_bytes_fetched"] += got.size
         return PassThrough(got.response, digest, got.size)
@@ -144,7 +149,7 @@ class Blobs:
         got = await self._remote.get_blob(repository, digest)
         if not self._usage.reserve(digest, got.size or 0):
             await got.discard()
-            raise _TooBig()
+            raise _TooBig("does not fit in the cache quota")
         if got.size is not None and not self._store.has_room(got.size):
             # The disk is full of something else than our quota: streaming into it
             # would break the client's transfer; pass the blob through instead.
@@ -156,7 +161,7 @@ class Blobs:
                 size=got.size,
             )
             self._usage.evict()
-            raise _TooBig()
+            raise _TooBig("finds no room left on the store's disk")
         fetch = BlobFetch(
             self._store,
             digest,
