@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from twisted.web.http import parse_qs
 
 from regmirror.api.resource import RegistryAPI
+from regmirror.domain.digest import Digest
 from regmirror.mirror.manifests import Manifest
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -115,12 +116,14 @@ class ManifestResponses:
         self._server = server
         self._api_version = api_version
         self._x_cache = x_cache
-        self._serialised: dict[tuple[Manifest, bool, bytes], bytes] = {}
+        # Keyed by what the headers say, not by the manifest: an entry must not keep a
+        # manifest the LRU has dropped (and its body) alive.
+        self._serialised: dict[tuple[Digest, str, int, bytes], bytes] = {}
 
     def response(
         self, manifest: Manifest, head: bool, version: bytes, date: bytes, close: bool = False
     ) -> bytes:
-        key = (manifest, head, version)
+        key = (manifest.digest, manifest.media_type, len(manifest.data), version)
         rest = self._serialised.get(key)
         if rest is None:
             rest = self._serialise(manifest, version)
