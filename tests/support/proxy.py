@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from tests.support.ports import LOOPBACK
 from tests.support.rawhttp import split_base_url
@@ -117,7 +117,75 @@ class _TokenBucket:
             await asyncio.sleep(-self.tokens / self.rate)
 
 
-class CountingProxy:
+class _CountingBase:
+    """What both proxies count and how they are addressed: the byte and connection
+    counters, the request heads sniffed on the way up, ``url``/``host``, and ``with``."""
+
+    def __init__(self, target_host: str, target_port: int, *, sniff_requests: bool) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.sniff_requests = sniff_requests
+        self.port = 0
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.connections = 0
+        self.active_connections = 0
+        self.failed_connects = 0
+        self._requests: list[SniffedRequest] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def to_url(cls, url: str, **kwargs: Any) -> Self:
+        """A proxy in front of ``http://host:port``."""
+        host, port = split_base_url(url)
+        return cls(host, port, **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.bytes_down = self.bytes_up = 0
+            self.connections = self.failed_connects = 0
+            self._requests.clear()
+
+    @property
+    def requests(self) -> list[SniffedRequest]:
+        """Request heads sent upstream so far, in order."""
+        with self._lock:
+            return list(self._requests)
+
+    def count_requests(self, method: str | None = None, path_substring: str = "") -> int:
+        return sum(
+            1
+            for r in self.requests
+            if (method is None or r.method == method) and path_substring in r.target
+        )
+
+    def _record(self, request: SniffedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+
+class CountingProxy(_CountingBase):
     """``start()`` listens on a free 127.0.0.1 port and forwards to ``target_host:port``.
 
     Counters are plain attributes written by the proxy thread; reading them from the
@@ -132,18 +200,8 @@ class CountingProxy:
         rate_limit: float | None = None,
         sniff_requests: bool = True,
     ) -> None:
-        self.target_host = target_host
-        self.target_port = target_port
+        super().__init__(target_host, target_port, sniff_requests=sniff_requests)
         self.rate_limit = rate_limit
-        self.sniff_requests = sniff_requests
-        self.port = 0
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.connections = 0
-        self.active_connections = 0
-        self.failed_connects = 0
-        self._requests: list[SniffedRequest] = []
-        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -151,20 +209,6 @@ class CountingProxy:
         self._bucket: _TokenBucket | None = None
         self._hold_at: int | None = None
         self._released: asyncio.Event | None = None
-
-    @classmethod
-    def to_url(cls, url: str, **kwargs: Any) -> CountingProxy:
-        """A proxy in front of ``http://host:port``."""
-        host, port = split_base_url(url)
-        return cls(host, port, **kwargs)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -222,13 +266,6 @@ class CountingProxy:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __enter__(self) -> CountingProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # --- controls ---------------------------------------------------------------
 
     def close_connections(self) -> None:
@@ -282,30 +319,7 @@ class CountingProxy:
         """Whether downstream traffic is stopped at the hold point right now."""
         return self._hold_at is not None and self.bytes_down >= self._hold_at
 
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.bytes_down = self.bytes_up = 0
-            self.connections = self.failed_connects = 0
-            self._requests.clear()
-
     # --- observations -----------------------------------------------------------
-
-    @property
-    def requests(self) -> list[SniffedRequest]:
-        """Request heads sent upstream so far, in order."""
-        with self._lock:
-            return list(self._requests)
-
-    def count_requests(self, method: str | None = None, path_substring: str = "") -> int:
-        return sum(
-            1
-            for r in self.requests
-            if (method is None or r.method == method) and path_substring in r.target
-        )
-
-    def _record(self, request: SniffedRequest) -> None:
-        with self._lock:
-            self._requests.append(request)
 
     # --- forwarding -------------------------------------------------------------
 
@@ -414,7 +428,7 @@ class _BlockingBucket:
             time.sleep(debt / self.rate)
 
 
-class SpliceProxy:
+class SpliceProxy(_CountingBase):
     """A counting TCP proxy that stays out of the way: the upstream -> client bytes move
     with ``splice(2)`` through a 1 MiB pipe, never through Python, so the proxy runs at
     several GB/s on loopback where ``CountingProxy`` (asyncio, copies) tops out near
@@ -440,17 +454,7 @@ class SpliceProxy:
         rate_limit: float | None = None,
         sniff_requests: bool = True,
     ) -> None:
-        self.target_host = target_host
-        self.target_port = target_port
-        self.sniff_requests = sniff_requests
-        self.port = 0
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.connections = 0
-        self.active_connections = 0
-        self.failed_connects = 0
-        self._requests: list[SniffedRequest] = []
-        self._lock = threading.Lock()
+        super().__init__(target_host, target_port, sniff_requests=sniff_requests)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()
@@ -459,19 +463,6 @@ class SpliceProxy:
         self._bucket: _BlockingBucket | None = None
         self.rate_limit: float | None = None
         self.set_rate_limit(rate_limit)
-
-    @classmethod
-    def to_url(cls, url: str, **kwargs: Any) -> SpliceProxy:
-        host, port = split_base_url(url)
-        return cls(host, port, **kwargs)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
 
     def __repr__(self) -> str:
         return f"<SpliceProxy {self.host} -> {self.target_host}:{self.target_port}>"
@@ -514,13 +505,6 @@ class SpliceProxy:
         for thread in threads:
             thread.join(10)
 
-    def __enter__(self) -> SpliceProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # --- controls and observations ----------------------------------------------
 
     def set_rate_limit(self, rate: float | None) -> None:
@@ -534,28 +518,6 @@ class SpliceProxy:
             sockets = list(self._sockets)
         for sock in sockets:
             _shutdown(sock)
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.bytes_down = self.bytes_up = 0
-            self.connections = self.failed_connects = 0
-            self._requests.clear()
-
-    @property
-    def requests(self) -> list[SniffedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    def count_requests(self, method: str | None = None, path_substring: str = "") -> int:
-        return sum(
-            1
-            for r in self.requests
-            if (method is None or r.method == method) and path_substring in r.target
-        )
-
-    def _record(self, request: SniffedRequest) -> None:
-        with self._lock:
-            self._requests.append(request)
 
     # --- forwarding -------------------------------------------------------------
 
